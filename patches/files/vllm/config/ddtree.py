@@ -1,0 +1,157 @@
+# ddtree-vllm overlay module (copied into vllm/config/ddtree.py by scripts/apply_overlays.py)
+"""DDTree settings on ``SpeculativeConfig``: parsing, validation and the chain-form fallback.
+
+Users ask for ``method="dflash_ddtree"`` with ``ddtree_budget``, ``ddtree_top_k`` and
+``ddtree_chain_seed``. DDTree drafts with the DFlash drafter, so the request is normalised to
+``method="dflash"`` with the ``ddtree_*`` fields filled in: every DFlash code path in vLLM keeps
+working unchanged, and ``SpeculativeConfig.use_ddtree()`` (``ddtree_budget is not None``) tells the
+tree path apart. ``num_speculative_tokens`` is the drafter depth L (the number of positions one
+drafter pass proposes); the tree has at most ``ddtree_budget`` nodes over at most L levels.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+from vllm.logger import init_logger
+
+logger = init_logger(__name__)
+
+DDTREE_METHOD = "dflash_ddtree"
+#: Largest node budget accepted. Verify runs budget + 1 query tokens per request and keeps budget + 1
+#: recurrent-state slots per GDN layer; past ~128 the verify cost outgrows any acceptance gain.
+MAX_DDTREE_BUDGET = 128
+#: Largest number of siblings per level; acceptance saturates well before this (K = 8 is plenty).
+MAX_DDTREE_TOP_K = 32
+DEFAULT_DDTREE_BUDGET = 32
+DEFAULT_DDTREE_TOP_K = 8
+DEFAULT_DDTREE_CHAIN_SEED = True
+DFLASH_DRAFT_ARCHITECTURES = ("DFlashDraftModel",)
+
+_logged_once: set[str] = set()
+
+
+def log_once(key: str, msg: str, *args: Any) -> None:
+    """Log a message once per process (config validation runs in several places)."""
+    if key not in _logged_once:
+        _logged_once.add(key)
+        logger.info(msg, *args)
+
+
+def _err(field: str, msg: str) -> ValueError:
+    return ValueError(f"speculative_config.{field}: {msg}")
+
+
+def _drafter_block_size(model: str | None) -> int | None:
+    """block_size of a local DFlash drafter's config.json, if there is one to read."""
+    if not model:
+        return None
+    cfg_path = os.path.join(model, "config.json")
+    if not os.path.isfile(cfg_path):
+        return None
+    with open(cfg_path) as f:
+        cfg = json.load(f)
+    bs = cfg.get("block_size") or (cfg.get("dflash_config") or {}).get("block_size")
+    return int(bs) if bs else None
+
+
+def normalize_ddtree_request(sc: Any) -> None:
+    """Called first thing in ``SpeculativeConfig.__post_init__``.
+
+    Validates the ``ddtree_*`` fields and rewrites ``method="dflash_ddtree"`` to ``"dflash"``.
+    A config that is already normalised (method ``dflash`` with ``ddtree_budget`` set, e.g. a copy
+    re-validated inside vLLM) passes through unchanged.
+    """
+    ddtree_fields = {
+        "ddtree_budget": sc.ddtree_budget,
+        "ddtree_top_k": sc.ddtree_top_k,
+        "ddtree_chain_seed": sc.ddtree_chain_seed,
+    }
+    if sc.method != DDTREE_METHOD:
+        if sc.method == "dflash" and sc.ddtree_budget is not None:
+            _validate_values(sc)  # already normalised
+            return
+        given = [k for k, v in ddtree_fields.items() if v is not None]
+        if given:
+            raise _err(given[0], f"is only valid with method='{DDTREE_METHOD}' "
+                                 f"(got method={sc.method!r})")
+        return
+
+    if sc.model is None:
+        raise _err("model", f"method='{DDTREE_METHOD}' needs a DFlash drafter checkpoint")
+    if sc.ddtree_budget is None:
+        sc.ddtree_budget = DEFAULT_DDTREE_BUDGET
+    if sc.ddtree_top_k is None:
+        sc.ddtree_top_k = DEFAULT_DDTREE_TOP_K
+    if sc.ddtree_chain_seed is None:
+        sc.ddtree_chain_seed = DEFAULT_DDTREE_CHAIN_SEED
+    _validate_values(sc)
+
+    # Settings the tree verifier has no use for, or that the tree path cannot honour.
+    if sc.rejection_sample_method != "standard":
+        raise _err("rejection_sample_method",
+                   f"must be 'standard' with method='{DDTREE_METHOD}' (the tree sampler walks the "
+                   f"tree itself); got {sc.rejection_sample_method!r}")
+    if sc.draft_sample_method != "greedy":
+        raise _err("draft_sample_method",
+                   f"must be 'greedy' with method='{DDTREE_METHOD}' (the tree is built from the "
+                   f"drafter's top-k log-probs); got {sc.draft_sample_method!r}")
+    if sc.num_speculative_tokens_per_batch_size is not None:
+        raise _err("num_speculative_tokens_per_batch_size",
+                   f"dynamic speculation length is not supported with method='{DDTREE_METHOD}'")
+    if sc.disable_padded_drafter_batch:
+        raise _err("disable_padded_drafter_batch",
+                   f"is not supported with method='{DDTREE_METHOD}' (the tree path needs static "
+                   f"shapes)")
+
+    block_size = _drafter_block_size(sc.model)
+    if sc.num_speculative_tokens is None:
+        if block_size is None:
+            raise _err("num_speculative_tokens",
+                       "must be given (the tree depth L) when the drafter's block_size is unknown")
+        sc.num_speculative_tokens = block_size - 1
+    elif block_size is not None and sc.num_speculative_tokens > block_size - 1:
+        raise _err("num_speculative_tokens",
+                   f"{sc.num_speculative_tokens} exceeds what the drafter proposes per pass "
+                   f"(block_size - 1 = {block_size - 1})")
+    sc.method = "dflash"
+
+
+def _validate_values(sc: Any) -> None:
+    b, k, seed = sc.ddtree_budget, sc.ddtree_top_k, sc.ddtree_chain_seed
+    if not isinstance(b, int) or isinstance(b, bool) or not 1 <= b <= MAX_DDTREE_BUDGET:
+        raise _err("ddtree_budget", f"must be an integer in [1, {MAX_DDTREE_BUDGET}], got {b!r}")
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= MAX_DDTREE_TOP_K:
+        raise _err("ddtree_top_k", f"must be an integer in [1, {MAX_DDTREE_TOP_K}], got {k!r}")
+    if not isinstance(seed, bool):
+        raise _err("ddtree_chain_seed", f"must be true or false, got {seed!r}")
+
+
+def finalize_ddtree(sc: Any) -> None:
+    """Called at the end of ``SpeculativeConfig.__post_init__``, once the drafter config exists."""
+    if sc.ddtree_budget is None:
+        return
+    draft = sc.draft_model_config
+    archs = list(getattr(draft, "architectures", None) or []) if draft is not None else []
+    if not any(a in DFLASH_DRAFT_ARCHITECTURES for a in archs):
+        raise _err("model", f"method='{DDTREE_METHOD}' needs a DFlash drafter "
+                            f"(architectures {list(DFLASH_DRAFT_ARCHITECTURES)}); "
+                            f"{sc.model!r} has {archs}")
+    # The tree verifier is not wired into this build yet: run flat DFlash over the top-1 chain,
+    # which is exactly DDTree with top_k = 1 and budget = min(budget, L).
+    depth = min(sc.num_speculative_tokens, sc.ddtree_budget)
+    if depth != sc.num_speculative_tokens:
+        sc.num_speculative_tokens = depth
+    log_once("chain-form",
+             "dflash_ddtree (budget=%d, top_k=%d, chain_seed=%s): tree verify is not available in "
+             "this build; running flat DFlash over the top-1 chain (%d tokens per step).",
+             sc.ddtree_budget, sc.ddtree_top_k, sc.ddtree_chain_seed, depth)
+
+
+def ddtree_hash_factors(sc: Any) -> list[Any]:
+    """What of the DDTree settings changes the verify graph (query tokens per request)."""
+    if sc.ddtree_budget is None:
+        return []
+    return ["ddtree", sc.ddtree_budget, sc.ddtree_top_k, bool(sc.ddtree_chain_seed)]

@@ -1,0 +1,168 @@
+"""Start and stop a real ``vllm serve`` on 127.0.0.1, and read what it reports.
+
+Used by the end-to-end tests and by ``scripts/demo.py``. Standard library only, so it runs in any
+environment that has vLLM installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+#: Flags every CPU run of the tiny hybrid target needs (see ../shared/reference/cpu-vllm.md):
+#: language_model_only for the Qwen3.5 layout, eager mode for a fast start, no prefix caching (hybrid
+#: + speculative decoding + prefix caching crashes in vLLM 0.26's CPU path).
+CPU_TINY_FLAGS = [
+    "--language-model-only",
+    "--enforce-eager",
+    "--max-model-len", "4096",
+    "--no-enable-prefix-caching",
+    "--max-num-seqs", "8",
+    "--seed", "0",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def vllm_executable() -> list[str]:
+    exe = Path(sys.executable).parent / "vllm"
+    if exe.exists():
+        return [str(exe)]
+    return [sys.executable, "-m", "vllm.entrypoints.cli.main"]
+
+
+def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    env.setdefault("HF_HUB_OFFLINE", "1")
+    env.setdefault("TRANSFORMERS_OFFLINE", "1")
+    env.setdefault("VLLM_NO_USAGE_STATS", "1")
+    env.setdefault("VLLM_CACHE_ROOT", str(REPO / "build" / "vllm-cache"))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    if extra:
+        env.update(extra)
+    return env
+
+
+class VllmServer:
+    """``vllm serve MODEL`` in its own process session, logging to a file."""
+
+    def __init__(self, model: str | Path, args: list[str], log_path: Path,
+                 env: dict[str, str] | None = None, port: int | None = None):
+        self.model = str(model)
+        self.args = list(args)
+        self.port = port or free_port()
+        self.log_path = Path(log_path)
+        self.env = server_env(env)
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def command(self) -> list[str]:
+        return [*vllm_executable(), "serve", self.model, "--host", "127.0.0.1",
+                "--port", str(self.port), *self.args]
+
+    def start(self, timeout: float = 300.0) -> "VllmServer":
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
+                                     env=self.env, start_new_session=True, cwd=REPO)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vllm serve exited with {self.proc.returncode} before it was "
+                                   f"ready; log tail:\n{self.log_tail()}")
+            try:
+                with urllib.request.urlopen(self.base_url + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
+                pass
+            time.sleep(1.0)
+        self.stop()
+        raise TimeoutError(f"vllm serve not ready after {timeout:.0f}s; log tail:\n{self.log_tail()}")
+
+    def stop(self, grace: float = 30.0) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return None if self.proc is None else self.proc.returncode
+        os.kill(self.proc.pid, signal.SIGINT)
+        try:
+            return self.proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            return self.proc.wait(10)
+
+    def __enter__(self) -> "VllmServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_tail(self, n: int = 60) -> str:
+        return "\n".join(self.log_text().splitlines()[-n:])
+
+    def metrics(self) -> dict[str, float]:
+        """Prometheus samples from /metrics as {'name{labels}': value} (counters summed by name too)."""
+        with urllib.request.urlopen(self.base_url + "/metrics", timeout=10) as r:
+            return parse_prometheus(r.read().decode())
+
+
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+([-+0-9.eE]+|NaN|[+-]Inf)$")
+
+
+def parse_prometheus(text: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        m = _SAMPLE.match(line.strip())
+        if not m:
+            continue
+        name, labels, value = m.group(1), m.group(2) or "", float(m.group(3))
+        out[name + labels] = value
+        out[name] = out.get(name, 0.0) + value if labels else value
+    return out
+
+
+def spec_decode_stats(metrics: dict[str, float]) -> dict[str, float]:
+    """Acceptance figures from vLLM's spec-decode counters."""
+    drafts = metrics.get("vllm:spec_decode_num_drafts_total", 0.0)
+    draft_tokens = metrics.get("vllm:spec_decode_num_draft_tokens_total", 0.0)
+    accepted = metrics.get("vllm:spec_decode_num_accepted_tokens_total", 0.0)
+    per_pos = {}
+    for k, v in metrics.items():
+        m = re.match(r'vllm:spec_decode_num_accepted_tokens_per_pos_total\{.*position="(\d+)".*\}', k)
+        if m:
+            per_pos[int(m.group(1))] = v
+    return {
+        "drafts": drafts,
+        "draft_tokens": draft_tokens,
+        "accepted_tokens": accepted,
+        # mean tokens committed per verify step (accepted drafts + the bonus token)
+        "acceptance_length": (1.0 + accepted / drafts) if drafts else 0.0,
+        "accepted_per_position": [per_pos[i] for i in sorted(per_pos)],
+    }
+
+
+def speculative_args(spec: dict | None) -> list[str]:
+    return [] if spec is None else ["--speculative-config", json.dumps(spec)]
