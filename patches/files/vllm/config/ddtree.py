@@ -44,15 +44,26 @@ def _err(field: str, msg: str) -> ValueError:
     return ValueError(f"speculative_config.{field}: {msg}")
 
 
-def _drafter_block_size(model: str | None) -> int | None:
-    """block_size of a local DFlash drafter's config.json, if there is one to read."""
+def _local_drafter_config(model: str | None) -> dict | None:
+    """The drafter's config.json when it is a local folder (hub ids are checked later by vLLM)."""
     if not model:
         return None
     cfg_path = os.path.join(model, "config.json")
     if not os.path.isfile(cfg_path):
         return None
     with open(cfg_path) as f:
-        cfg = json.load(f)
+        return json.load(f)
+
+
+def _drafter_architectures(model: str | None) -> list[str] | None:
+    cfg = _local_drafter_config(model)
+    return None if cfg is None else list(cfg.get("architectures") or [])
+
+
+def _drafter_block_size(model: str | None) -> int | None:
+    cfg = _local_drafter_config(model)
+    if cfg is None:
+        return None
     bs = cfg.get("block_size") or (cfg.get("dflash_config") or {}).get("block_size")
     return int(bs) if bs else None
 
@@ -106,6 +117,11 @@ def normalize_ddtree_request(sc: Any) -> None:
                    f"is not supported with method='{DDTREE_METHOD}' (the tree path needs static "
                    f"shapes)")
 
+    archs = _drafter_architectures(sc.model)
+    if archs is not None and not any(a in DFLASH_DRAFT_ARCHITECTURES for a in archs):
+        raise _err("model", f"method='{DDTREE_METHOD}' needs a DFlash drafter "
+                            f"(architectures {list(DFLASH_DRAFT_ARCHITECTURES)}); "
+                            f"{sc.model!r} has {archs}")
     block_size = _drafter_block_size(sc.model)
     if sc.num_speculative_tokens is None:
         if block_size is None:

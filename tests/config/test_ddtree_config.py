@@ -1,0 +1,111 @@
+"""method="dflash_ddtree" through the Python API, --speculative-config JSON and the CLI, on the
+patched vLLM installed in the test venv (no engine is started: only the config is built)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("vllm")
+from vllm.config import SpeculativeConfig  # noqa: E402
+from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs  # noqa: E402
+from vllm.utils.argparse_utils import FlexibleArgumentParser  # noqa: E402
+
+BASE = ["--language-model-only", "--enforce-eager", "--max-model-len", "2048"]
+
+
+def _engine_config(tiny_models, spec: dict):
+    args = EngineArgs(model=str(tiny_models / "target"), language_model_only=True,
+                      enforce_eager=True, max_model_len=2048, speculative_config=spec)
+    return args.create_engine_config()
+
+
+def _cli_config(tiny_models, argv: list[str]):
+    parser = AsyncEngineArgs.add_cli_args(FlexibleArgumentParser())
+    ns = parser.parse_args(["--model", str(tiny_models / "target"), *BASE, *argv])
+    return AsyncEngineArgs.from_cli_args(ns).create_engine_config()
+
+
+def test_python_api(tiny_models):
+    sc = _engine_config(tiny_models, {"method": "dflash_ddtree", "model": str(tiny_models / "drafter"),
+                                      "ddtree_budget": 24, "ddtree_top_k": 4,
+                                      "ddtree_chain_seed": False}).speculative_config
+    assert sc.use_ddtree() and sc.use_dflash()
+    assert (sc.ddtree_budget, sc.ddtree_top_k, sc.ddtree_chain_seed) == (24, 4, False)
+    # depth L defaults to the drafter's block_size - 1 (block 16); chain form runs min(L, budget)
+    assert sc.num_speculative_tokens == 15
+    assert "dflash_ddtree" in repr(sc) and "budget=24" in repr(sc)
+
+
+def test_defaults(tiny_models):
+    sc = _engine_config(tiny_models, {"method": "dflash_ddtree",
+                                      "model": str(tiny_models / "drafter")}).speculative_config
+    assert (sc.ddtree_budget, sc.ddtree_top_k, sc.ddtree_chain_seed) == (32, 8, True)
+
+
+def test_chain_form_small_budget_limits_the_chain(tiny_models):
+    sc = _engine_config(tiny_models, {"method": "dflash_ddtree", "model": str(tiny_models / "drafter"),
+                                      "ddtree_budget": 6}).speculative_config
+    assert sc.num_speculative_tokens == 6
+
+
+def test_cli_json(tiny_models):
+    spec = {"method": "dflash_ddtree", "model": str(tiny_models / "drafter"), "ddtree_budget": 12,
+            "ddtree_top_k": 2}
+    sc = _cli_config(tiny_models, ["--speculative-config", json.dumps(spec)]).speculative_config
+    assert sc.use_ddtree() and (sc.ddtree_budget, sc.ddtree_top_k) == (12, 2)
+
+
+def test_cli_dotted_keys(tiny_models):
+    sc = _cli_config(tiny_models, [
+        "--speculative-config.method", "dflash_ddtree",
+        "--speculative-config.model", str(tiny_models / "drafter"),
+        "--speculative-config.ddtree_budget", "20",
+        "--speculative-config.ddtree_chain_seed", "false"]).speculative_config
+    assert sc.use_ddtree() and sc.ddtree_budget == 20 and sc.ddtree_chain_seed is False
+
+
+def test_plain_dflash_is_not_ddtree(tiny_models):
+    sc = _engine_config(tiny_models, {"method": "dflash", "model": str(tiny_models / "drafter"),
+                                      "num_speculative_tokens": 15}).speculative_config
+    assert not sc.use_ddtree() and sc.ddtree_budget is None
+
+
+@pytest.mark.parametrize("extra, field", [
+    ({"ddtree_budget": 0}, "ddtree_budget"),
+    ({"ddtree_budget": -3}, "ddtree_budget"),
+    ({"ddtree_budget": 129}, "ddtree_budget"),
+    ({"ddtree_top_k": 0}, "ddtree_top_k"),
+    ({"ddtree_top_k": 33}, "ddtree_top_k"),
+    ({"rejection_sample_method": "synthetic", "synthetic_acceptance_length": 2.0},
+     "rejection_sample_method"),
+    ({"draft_sample_method": "probabilistic"}, "draft_sample_method"),
+    ({"num_speculative_tokens": 40}, "num_speculative_tokens"),
+])
+def test_invalid_values_name_the_field(tiny_models, extra, field):
+    spec = {"method": "dflash_ddtree", "model": str(tiny_models / "drafter"), **extra}
+    with pytest.raises(Exception) as ei:
+        _engine_config(tiny_models, spec)
+    assert f"speculative_config.{field}" in str(ei.value)
+
+
+def test_drafter_that_is_not_dflash(tiny_models):
+    with pytest.raises(Exception) as ei:
+        _engine_config(tiny_models, {"method": "dflash_ddtree", "model": str(tiny_models / "target")})
+    msg = str(ei.value)
+    assert "speculative_config.model" in msg and "DFlashDraftModel" in msg
+
+
+def test_ddtree_fields_need_the_ddtree_method(tiny_models):
+    with pytest.raises(Exception) as ei:
+        SpeculativeConfig(method="ngram", ddtree_budget=8, prompt_lookup_max=3,
+                          num_speculative_tokens=3)
+    assert "speculative_config.ddtree_budget" in str(ei.value)
+
+
+def test_invalid_value_from_the_cli_fails_at_startup(tiny_models):
+    spec = {"method": "dflash_ddtree", "model": str(tiny_models / "drafter"), "ddtree_top_k": 0}
+    with pytest.raises(Exception) as ei:
+        _cli_config(tiny_models, ["--speculative-config", json.dumps(spec)])
+    assert "speculative_config.ddtree_top_k" in str(ei.value)
