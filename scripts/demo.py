@@ -38,7 +38,7 @@ def main() -> int:
     }[args.mode]
     log = REPO / "build" / f"demo-{args.mode}.log"
     server = VllmServer(models / "target", CPU_TINY_FLAGS + speculative_args(spec), log)
-    print("$ " + " ".join(server.command()), flush=True)
+    print("$ vllm " + " ".join(server.command()[3:]), flush=True)
     t0 = time.monotonic()
     with server:
         print(f"server ready in {time.monotonic() - t0:.0f}s (log: {log})", flush=True)

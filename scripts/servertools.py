@@ -39,9 +39,7 @@ def free_port() -> int:
 
 
 def vllm_executable() -> list[str]:
-    exe = Path(sys.executable).parent / "vllm"
-    if exe.exists():
-        return [str(exe)]
+    """`vllm` run by this interpreter (the console script's shebang may name another venv)."""
     return [sys.executable, "-m", "vllm.entrypoints.cli.main"]
 
 
