@@ -129,6 +129,7 @@ def build_tree(
     topk_ids: torch.Tensor | None = None,
     chain_seed: bool = True,
     depth_limit: torch.Tensor | None = None,
+    backend: str = "auto",
 ) -> DraftTree:
     """Build a batch of DDTree draft trees (see the module docstring for the exact rule).
 
@@ -136,11 +137,28 @@ def build_tree(
     precomputed ``topk_logprobs``/``topk_ids`` [B, L, K'] (log-softmax values sorted descending,
     K' >= top_k, distinct ids per depth). ``depth_limit`` [B] caps each request's depth (0 = root only).
     No host synchronisation and static shapes: safe to capture in a CUDA graph.
+    backend: "torch" (batched torch ops, any device), "triton" (one kernel launch per build; CUDA, or
+    CPU under TRITON_INTERPRET=1), "auto" (triton on CUDA when importable, else torch). Identical output.
     """
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend: expected 'auto', 'torch' or 'triton', got {backend!r}")
     logq, ids, root, limit = prepare_build_inputs(
         root_token_ids=root_token_ids, budget=budget, top_k=top_k, draft_logits=draft_logits,
         topk_logprobs=topk_logprobs, topk_ids=topk_ids, depth_limit=depth_limit)
+    if backend == "auto":
+        backend = "triton" if logq.is_cuda and _triton_available() else "torch"
+    if backend == "triton":
+        from .build_triton import build_from_topk_triton
+        return build_from_topk_triton(logq, ids, root, limit, budget, bool(chain_seed))
     return _build_from_topk(logq, ids, root, limit, budget, bool(chain_seed))
+
+
+def _triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # noqa: BLE001
+        return False
+    return True
 
 
 def _build_from_topk(logq, ids, root, limit, budget: int, chain_seed: bool) -> DraftTree:
