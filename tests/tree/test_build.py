@@ -1,6 +1,7 @@
 """Fast batched build vs the heap reference, invariants, and argument checks."""
 
 import itertools
+import os
 
 import numpy as np
 import pytest
@@ -224,3 +225,54 @@ def test_gpu_matches_cpu():
             gpu = build_tree(root_token_ids=torch.arange(B).cuda(), topk_logprobs=lp.cuda(),
                              topk_ids=ids.cuda(), **kw)
             assert tree_fields_equal(cpu, gpu) == []
+
+
+def triton_ok():
+    try:
+        import triton  # noqa: F401
+    except Exception:  # noqa: BLE001
+        return False
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+TRITON_CASES = [  # (B, L, K, budget, chain_seed, ties, limit) -- small: the CPU interpreter is slow
+    (2, 3, 2, 5, True, True, None),
+    (3, 4, 3, 9, False, False, [0, 2, 4]),
+    (2, 2, 1, 1, True, False, None),
+    (2, 5, 3, 20, True, True, [5, 1]),
+]
+
+
+@pytest.mark.skipif(not triton_ok(), reason="needs triton (CUDA, or TRITON_INTERPRET=1 on CPU)")
+@pytest.mark.parametrize("case", TRITON_CASES)
+def test_triton_build_matches_reference(case):
+    B, L, K, budget, chain_seed, ties, limit = case
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    lp, ids = random_topk(B, L, K, seed=B * 10 + L, ties=ties)
+    kw = dict(root_token_ids=torch.arange(B), budget=budget, top_k=K, topk_logprobs=lp, topk_ids=ids,
+              chain_seed=chain_seed, depth_limit=None if limit is None else torch.tensor(limit))
+    ref = build_tree_naive(**kw)
+    kw = {k: (v.to(dev) if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+    assert tree_fields_equal(build_tree(backend="triton", **kw), ref) == []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_triton_build_matches_torch_many_gpu():
+    # few distinct (budget, K, L, chain) combos: each one is a separate Triton compile
+    g = torch.Generator().manual_seed(7)
+    configs = [(15, 8, 32), (15, 8, 64), (6, 3, 16), (4, 1, 5)]
+    for trial in range(40):
+        L, K, budget = configs[trial % 4]
+        chain_seed = (trial // 4) % 2 == 0
+        B = int(torch.randint(1, 40, (), generator=g))
+        lp, ids = random_topk(B, L, K, seed=trial, ties=trial % 3 == 0)
+        limit = torch.randint(0, L + 2, (B,), generator=g).cuda() if trial % 5 else None
+        kw = dict(root_token_ids=torch.arange(B).cuda(), budget=budget, top_k=K, topk_logprobs=lp.cuda(),
+                  topk_ids=ids.cuda(), chain_seed=chain_seed, depth_limit=limit)
+        a = build_tree(backend="torch", **kw)
+        b = build_tree(backend="triton", **kw)
+        assert tree_fields_equal(a, b) == [], (trial, B, L, K, budget)
+        if trial % 8 == 0:
+            kw_cpu = {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in kw.items()}
+            assert tree_fields_equal(b, build_tree_naive(**kw_cpu)) == []
