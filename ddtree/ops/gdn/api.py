@@ -192,8 +192,6 @@ def tree_gated_delta_rule(q, k, v, a, b, A_log, dt_bias, parents, num_nodes, sta
     for name, pool in (("state_pool", state_pool), ("slot_pool", slot_pool)):
         _require(pool.dim() == 4 and tuple(pool.shape[1:]) == (HV, V, K), name,
                  f"must be [lines, {HV}, {V}, {K}], got {tuple(pool.shape)}")
-        _require(pool.stride(3) == 1 and pool.stride(2) == K and pool.stride(1) == V * K, name,
-                 "each line must be contiguous [HV, V, K]")
         _require(pool.dtype in (torch.float32, torch.bfloat16, torch.float16), name,
                  f"dtype {pool.dtype} not supported")
     _check_index(initial_state_indices, "initial_state_indices", (B,), q.device)
@@ -222,6 +220,11 @@ def tree_gated_delta_rule(q, k, v, a, b, A_log, dt_bias, parents, num_nodes, sta
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     a, b = a.contiguous(), b.contiguous()
     if use_triton(q, backend):
+        for name, pool in (("state_pool", state_pool), ("slot_pool", slot_pool)):
+            # The torch path takes any strides (e.g. vLLM-CPU's [HV, K, V] memory as a transposed
+            # view); the kernel addresses a line as one contiguous [HV, V, K] block.
+            _require(pool.stride(3) == 1 and pool.stride(2) == K and pool.stride(1) == V * K, name,
+                     "each line must be contiguous [HV, V, K] for the Triton kernel")
         return tree_gated_delta_rule_triton(q, k, v, a, b, A_log, dt_bias, parents, num_nodes,
                                             state_pool, initial_state_indices, node_state_indices,
                                             slot_pool, out, scale, use_qk_l2norm, softplus_beta,
