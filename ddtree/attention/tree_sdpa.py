@@ -33,10 +33,18 @@ def paged_tree_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cac
                          ) -> torch.Tensor:
     """query [q, H, D]; visible [q, q] bool (ancestor-or-self); the block's own K/V are already in the
     cache at positions prefix_len .. prefix_len + q - 1 (flattened node order). Returns [q, H, D]."""
-    q_len, num_heads, head_dim = query.shape
-    kv_len = prefix_len + q_len
+    kv_len = prefix_len + query.shape[0]
     k = gather_paged_kv(key_cache, block_table_row, kv_len, layout)
     v = gather_paged_kv(value_cache, block_table_row, kv_len, layout)
+    return tree_attention(query, k, v, prefix_len, visible, scale, sliding_window)
+
+
+def tree_attention(query: torch.Tensor, k: torch.Tensor, v: torch.Tensor, prefix_len: int,
+                   visible: torch.Tensor, scale: float, sliding_window: int | None = None
+                   ) -> torch.Tensor:
+    """query [q, H, D]; k, v [kv_heads, prefix_len + q, D] (prefix, then the block in node order)."""
+    q_len, num_heads, _ = query.shape
+    kv_len = prefix_len + q_len
     kv_heads = k.shape[0]
     if num_heads != kv_heads:
         rep = num_heads // kv_heads
