@@ -110,8 +110,12 @@ def main():
     ap.add_argument("--iters", type=int, default=None)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (1: stable numbers on a shared machine)")
     args = ap.parse_args()
     dev = args.device
+    if dev == "cpu":
+        torch.set_num_threads(args.threads)
     iters = args.iters or (100 if dev == "cuda" else 10)
     vmax = args.vocab_max_batch if args.vocab_max_batch is not None else (64 if dev == "cuda" else 1)
     batches = [int(x) for x in args.batches.split(",")]
@@ -190,7 +194,9 @@ def main():
             "input_path": "top-K only: draft [B, L, K] log-probs/ids in, target token per node in; "
                           "vocab-wide ops timed separately (bf16 logits, V=%d)" % V,
             "timing": "CUDA events median" if dev == "cuda" else "perf_counter median",
-            "iters": iters, "units": "ms", "rows": rows}
+            "iters": iters, "units": "ms", "rows": rows,
+            "cpu_threads": torch.get_num_threads() if dev == "cpu" else None,
+            "loadavg_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None}
     with open(out, "w") as f:
         json.dump(meta, f, indent=1)
     print("saved", out)
