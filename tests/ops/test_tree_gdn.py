@@ -24,8 +24,10 @@ from ddtree.ops.gdn import (accepted_state_lines, commit_conv_state,  # noqa: E4
 from ddtree.ops.gdn import naive  # noqa: E402
 from ddtree.ops.gdn.api import HAS_TRITON  # noqa: E402
 
-BACKENDS = ["torch"] + (["triton"] if HAS_TRITON and (
-    _HAS_CUDA or os.environ.get("TRITON_INTERPRET") == "1") else [])
+# The small-shape tests use CPU tensors: their Triton variant needs the interpreter. On a CUDA
+# machine the Triton kernels are covered by the ``gpu`` tests at real shapes.
+BACKENDS = ["torch"] + (["triton"] if HAS_TRITON and os.environ.get("TRITON_INTERPRET") == "1"
+                        else [])
 DEV = "cpu"
 
 # ----------------------------------------------------------------------------- tree shapes
@@ -503,7 +505,8 @@ def test_gpu_real_shapes_tree_equals_naive(shape, slot_dtype):
     tol = 2e-3 if slot_dtype == torch.float32 else 3e-2
     ref_o, ref_s = _naive_tree_on_device(q, k, v, a, b, A_log, dt_bias, parents, num_nodes,
                                          before[init.long()].float())
-    torch.testing.assert_close(o.float(), ref_o, atol=tol * 10, rtol=tol)  # o is bf16
+    otol = 2e-2 if slot_dtype == torch.float32 else 5e-2  # o is stored in bf16
+    torch.testing.assert_close(o.float(), ref_o, atol=otol, rtol=otol)
     for r in range(B):
         n = int(num_nodes[r])
         torch.testing.assert_close(pool[slots[r, :n].long()].float(), ref_s[r, :n], atol=tol,
@@ -543,3 +546,51 @@ def test_gpu_real_shapes_chain_equals_vllm_triton_kernels():
     s = QWEN27B
     compare_chain_with_vllm_triton(B=4, N=17, H=s["H"], HV=s["HV"], K=s["K"], V=s["V"], D=s["D"],
                                    W=s["W"], device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _HAS_CUDA, reason="needs CUDA")
+def test_gpu_kernel_variants_equal_torch_path():
+    """Every launch variant the benchmark times (parent prefetch on/off, BV, warps; conv tiles)
+    gives the vectorised torch path's result on a DDTree-like batch at real shapes."""
+    s = QWEN27B
+    B, N, dev = 4, 33, "cuda"
+    parents, num_nodes = make_batch("best_first", B, N, seed=81)
+    parents[1] = torch.tensor([-1] + [0] * (N - 1), dtype=torch.int32)  # a star
+    parents, num_nodes = parents.to(dev), num_nodes.to(dev)
+    q, k, v, a, b, A_log, dt_bias = gdn_inputs(B, N, s["H"], s["HV"], s["K"], s["V"], seed=82,
+                                               dtype=torch.bfloat16, device=dev)
+    for slot_dtype in (torch.float32, torch.bfloat16):
+        pool0, init, slots = pools(B, N, s["HV"], s["V"], s["K"], seed=83, slot_dtype=slot_dtype,
+                                   device=dev)
+        ref_pool = pool0.clone()
+        ref = tree_gated_delta_rule(q, k, v, a, b, A_log, dt_bias, parents, num_nodes, ref_pool,
+                                    init, slots, backend="torch").float()
+        for pf in (True, False):
+            for bv in (16, 32):
+                for nw in (4, 8):
+                    pool = pool0.clone()
+                    o = tree_gated_delta_rule(q, k, v, a, b, A_log, dt_bias, parents, num_nodes,
+                                              pool, init, slots, kernel_options=dict(
+                                                  prefetch_parent=pf, block_v=bv, num_warps=nw))
+                    torch.testing.assert_close(o.float(), ref, atol=2e-2, rtol=2e-2)
+                    stol = 1e-3 if slot_dtype == torch.float32 else 2e-2  # bf16 rounding flips
+                    torch.testing.assert_close(pool.float(), ref_pool.float(), atol=stol, rtol=stol)
+    g = torch.Generator().manual_seed(84)
+    x = torch.randn(B * N, s["D"], generator=g).to(dev, torch.bfloat16)
+    weight = torch.randn(s["D"], s["W"], generator=g).to(dev, torch.bfloat16)
+    bias = torch.randn(s["D"], generator=g).to(dev, torch.bfloat16)
+    cs0 = torch.randn(B, s["D"], s["W"] - 2 + N, generator=g).to(dev, torch.bfloat16)
+    idx = torch.arange(B, dtype=torch.int32, device=dev)
+    offs = torch.tensor([0, 1, 2, 0], dtype=torch.int32, device=dev)
+    cs_ref = cs0.clone()
+    ref = tree_conv1d_update(x, cs_ref, weight, bias, parents, num_nodes, idx, conv_state_offsets=offs,
+                             stage_inputs=True, backend="torch")
+    for bd in (None, 16, 32, 64):
+        for nw in (4, 8):
+            cs = cs0.clone()
+            out = tree_conv1d_update(x, cs, weight, bias, parents, num_nodes, idx,
+                                     conv_state_offsets=offs, stage_inputs=True,
+                                     kernel_options=dict(block_d=bd, num_warps=nw))
+            torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+            torch.testing.assert_close(cs, cs_ref, atol=0, rtol=0)

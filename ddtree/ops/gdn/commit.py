@@ -116,6 +116,9 @@ def commit_recurrent_state(state_pool, cache_indices, node_state_indices, last_a
     """
     if slot_pool is None:
         slot_pool = state_pool
+    if last_accepted_node.shape != cache_indices.shape or node_state_indices.dim() != 2:
+        raise ValueError("last_accepted_node: must be [B] like cache_indices, with "
+                         "node_state_indices [B, N]")
     last = last_accepted_node.long()
     src = accepted_state_lines(node_state_indices, last).clamp(min=0)
     dst = cache_indices.long()
