@@ -35,7 +35,7 @@ import triton  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ddtree.ops.gdn import (commit_conv_state, commit_recurrent_state,  # noqa: E402
-                            tree_conv1d_update, tree_gated_delta_rule)
+                            make_conv_commit_plan, tree_conv1d_update)
 from ddtree.ops.gdn.tree_delta_rule import tree_gated_delta_rule_triton  # noqa: E402
 from ddtree.ops.gdn.vllm_source import load_vllm_chain_op  # noqa: E402
 
@@ -229,7 +229,13 @@ def main():
                 ms_commit = bench(lambda: commit_conv_state(cs, conv_idx, acc_nodes, num_acc, W,
                                                             check_values=False), args.reps)
                 rows.append(dict(op="commit_conv", budget=budget, N=N, B=B, impl="tree",
-                                 variant="copy", ms=ms_commit))
+                                 variant="copy", ms=ms_commit))  # plan computed inside
+                plan = make_conv_commit_plan(acc_nodes, num_acc, W, cs.shape[2],
+                                             check_values=False)
+                ms_planned = bench(lambda: commit_conv_state(cs, conv_idx, plan=plan,
+                                                             check_values=False), args.reps)
+                rows.append(dict(op="commit_conv", budget=budget, N=N, B=B, impl="tree",
+                                 variant="copy-planned", ms=ms_planned))  # per-layer cost
 
             def commit_rec():
                 pool = torch.randn(1 + T + B, HV, V, K, device=dev).mul_(0.1)

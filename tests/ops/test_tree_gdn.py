@@ -20,7 +20,8 @@ if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from ddtree.ops.gdn import (accepted_state_lines, commit_conv_state,  # noqa: E402
-                            commit_recurrent_state, tree_conv1d_update, tree_gated_delta_rule)
+                            commit_recurrent_state, make_conv_commit_plan, tree_conv1d_update,
+                            tree_gated_delta_rule)
 from ddtree.ops.gdn import naive  # noqa: E402
 from ddtree.ops.gdn.api import HAS_TRITON  # noqa: E402
 
@@ -151,9 +152,15 @@ def assert_conv_matches(out, x, histories, weight, bias, parents, num_nodes):
 # ----------------------------------------------------------------------------- recurrence
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+# the Triton kernel twice: parent reload by branch (default) and prefetched one node ahead
+REC_BACKENDS = [(be, None) for be in BACKENDS] + (
+    [("triton", dict(prefetch_parent=True))] if "triton" in BACKENDS else [])
+
+
+@pytest.mark.parametrize("backend,kernel_options", REC_BACKENDS,
+                         ids=[be + ("-prefetch" if ko else "") for be, ko in REC_BACKENDS])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_tree_recurrence_equals_per_path_chain(backend, shape):
+def test_tree_recurrence_equals_per_path_chain(backend, kernel_options, shape):
     B, N, H, HV, K, V = 3, 9, 2, 4, 16, 16
     parents, num_nodes = make_batch(shape, B, N, seed=SHAPES.index(shape),
                                     pad_request=(shape == "padding"))
@@ -161,7 +168,7 @@ def test_tree_recurrence_equals_per_path_chain(backend, shape):
     pool, init, slots = pools(B, N, HV, V, K, seed=2)
     before = pool.clone()
     o = tree_gated_delta_rule(q, k, v, a, b, A_log, dt_bias, parents, num_nodes, pool, init, slots,
-                              backend=backend)
+                              backend=backend, kernel_options=kernel_options)
     assert_recurrence_matches(o, pool, before, init, slots, q, k, v, a, b, A_log, dt_bias, parents,
                               num_nodes, atol=2e-5, rtol=2e-5)
     pad = torch.arange(N)[None, :] >= num_nodes[:, None]
@@ -380,8 +387,9 @@ def test_commit_then_one_more_chain_step_equals_naive_sequence(backend, index_on
         torch.testing.assert_close(ssm_pool[int(slots[r, M - 1])], ref_s[-1], atol=5e-5, rtol=5e-5)
     # conv history after step 2 = the last W-1 inputs of the whole sequence (index-only commit of
     # the 3-token chain: offset 2, nothing copied)
-    off2 = commit_conv_state(conv_state, conv_idx, torch.tensor([[0, 1, 2]] * B, dtype=torch.int32),
-                             nn2, W, index_only_chain=True, backend=backend)
+    plan = make_conv_commit_plan(torch.tensor([[0, 1, 2]] * B, dtype=torch.int32), nn2, W,
+                                 conv_state.shape[2], index_only_chain=True)
+    off2 = commit_conv_state(conv_state, conv_idx, plan=plan, backend=backend)
     assert off2.tolist() == [M - 1] * B
     for r, p in enumerate(paths):
         xs = torch.cat([x1[[r * N + n for n in p]], x2[[r * N + n for n in range(M)]]])

@@ -3,8 +3,8 @@
 One program owns one (request, value head, block of BV value rows) and walks the request's nodes
 in index order (parents come before children). The recurrent state lives in registers; when a
 node's parent is not the node processed just before it, the parent's state is reloaded from the
-parent's slot, which this same program wrote earlier (the reload is issued one node ahead, so it
-overlaps the previous node's arithmetic). Every node's state is written to its slot,
+parent's slot, which this same program wrote earlier. The next node's inputs are loaded one node
+ahead so their latency overlaps the current node's arithmetic. Every node's state is written to its slot,
 so any node can later become the committed state without replaying the recurrence.
 """
 
@@ -17,8 +17,9 @@ import triton.language as tl
 
 # Two ways to reload a parent's state (both correct, timed in benchmarks/bench_tree_gdn.py):
 # prefetch it one node ahead (masked load + select; more registers), or branch and load it when the
-# node starts (fewer registers, the load latency is exposed).
-PREFETCH_PARENT_DEFAULT = True
+# node starts. On an H100 they tied (the kernel is HBM-bound at batch >= 8 and the reloads mostly
+# come from HBM either way), so the simpler branch is the default; BV 32 / 4 warps measured best.
+PREFETCH_PARENT_DEFAULT = False
 BLOCK_V_DEFAULT = 32
 
 
