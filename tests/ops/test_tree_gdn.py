@@ -309,11 +309,13 @@ def test_bad_inputs_raise_value_errors_naming_the_field():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("index_only", [False, True], ids=["copy", "index_only"])
-def test_commit_then_one_more_chain_step_equals_naive_sequence(backend, index_only):
+@pytest.mark.parametrize("placement", ["front", "chain_in_place", "last_node"])
+def test_commit_then_one_more_chain_step_equals_naive_sequence(backend, placement):
     """conv -> split q/k/v -> recurrence on a tree, commit a random accepted path (random trees,
     plus a flat-chain path and a root-only path), then 3 more chain tokens: everything equals the
-    naive chain over (accepted path ++ new tokens) from the pre-tree caches."""
+    naive chain over (accepted path ++ new tokens) from the pre-tree caches.
+    "front" commits the recurrent state by copy; the other two point the next step at the last
+    accepted node's slot (index only), "last_node" being vLLM's num_accepted_tokens convention."""
     B, N, H, HV, K, V, W = 3, 8, 2, 4, 16, 16, 4
     D = 2 * H * K + HV * V
     rng = random.Random(41)
@@ -354,16 +356,20 @@ def test_commit_then_one_more_chain_step_equals_naive_sequence(backend, index_on
     num_acc = torch.tensor([len(p) for p in paths], dtype=torch.int32)
     last = torch.tensor(targets, dtype=torch.int32)
 
-    offs = commit_conv_state(conv_state, conv_idx, accepted, num_acc, W,
-                             index_only_chain=index_only, backend=backend)
-    if index_only:
-        expect = [len(p) - 1 if p == list(range(len(p))) else 0 for p in paths]
-        assert offs.tolist() == expect and expect[1] == 4
-        init2 = accepted_state_lines(slots, last).to(torch.int32)
-    else:
+    offs = commit_conv_state(conv_state, conv_idx, accepted, num_acc, W, placement=placement,
+                             backend=backend)
+    is_chain = [p == list(range(len(p))) for p in paths]
+    assert is_chain[1] and is_chain[2] and not is_chain[0]  # request 0 needs a real copy
+    if placement == "front":
         assert offs.tolist() == [0, 0, 0]
         commit_recurrent_state(ssm_pool, ssm_cache, slots, last)
         init2 = ssm_cache
+    else:
+        if placement == "chain_in_place":
+            assert offs.tolist() == [len(p) - 1 if c else 0 for p, c in zip(paths, is_chain)]
+        else:
+            assert offs.tolist() == targets
+        init2 = accepted_state_lines(slots, last).to(torch.int32)
 
     M = 3
     chain = torch.full((B, N), -1, dtype=torch.int32)
@@ -388,7 +394,7 @@ def test_commit_then_one_more_chain_step_equals_naive_sequence(backend, index_on
     # conv history after step 2 = the last W-1 inputs of the whole sequence (index-only commit of
     # the 3-token chain: offset 2, nothing copied)
     plan = make_conv_commit_plan(torch.tensor([[0, 1, 2]] * B, dtype=torch.int32), nn2, W,
-                                 conv_state.shape[2], index_only_chain=True)
+                                 conv_state.shape[2], placement="chain_in_place")
     off2 = commit_conv_state(conv_state, conv_idx, plan=plan, backend=backend)
     assert off2.tolist() == [M - 1] * B
     for r, p in enumerate(paths):

@@ -238,14 +238,15 @@ def tree_gated_delta_rule(q, k, v, a, b, A_log, dt_bias, parents, num_nodes, sta
 
 
 def commit_conv_state(conv_state, conv_state_indices, accepted_nodes=None, num_accepted=None,
-                      width=None, index_only_chain=False, check_values=True, backend=None,
-                      plan=None):
+                      width=None, placement="front", check_values=True, backend=None, plan=None):
     """Rebuild each request's conv history along its accepted path (after a staged tree forward).
 
     accepted_nodes [B, L]: node ids on the accepted path, root (0) first; num_accepted [B]: path
     length incl. the root (0 = leave the request alone). Afterwards the history is columns
-    new_offsets[r] .. new_offsets[r]+W-2 of the line: 0 after a copy; with index_only_chain=True a
-    flat-chain path is not copied and its offset (num_accepted-1) is returned instead.
+    new_offsets[r] .. new_offsets[r]+W-2 of the line (pass them as the next step's
+    conv_state_offsets). placement: "front" (offset 0), "chain_in_place" (flat-chain paths stay
+    where they are, offset num_accepted-1) or "last_node" (offset = last accepted node, vLLM's
+    num_accepted_tokens-1 when num_accepted_tokens := last node + 1); see commit.py.
     plan: the result of ``make_conv_commit_plan`` (the same for every GDN layer of a step: compute it
     once per step and pass it to each layer's commit; accepted_nodes/num_accepted/width are then
     ignored). Returns new_offsets [B] int32.
@@ -254,7 +255,7 @@ def commit_conv_state(conv_state, conv_state_indices, accepted_nodes=None, num_a
              "must be [lines, D, S]")
     if plan is None:
         plan = make_conv_commit_plan(accepted_nodes, num_accepted, width, conv_state.shape[2],
-                                     index_only_chain, check_values)
+                                     placement, check_values)
     src_cols, do_copy, new_offsets = plan
     B = src_cols.shape[0]
     _check_index(conv_state_indices, "conv_state_indices", (B,), conv_state.device)
@@ -266,14 +267,17 @@ def commit_conv_state(conv_state, conv_state_indices, accepted_nodes=None, num_a
         _require(bool(((lines >= 0) & (lines < conv_state.shape[0])).all()), "conv_state_indices",
                  "out of range for committed requests")
         _check_unique_lines(conv_state_indices, active, "conv_state_indices")
+    if check_values:
+        _require(bool((new_offsets.long() + src_cols.shape[1] <= conv_state.shape[2]).all()),
+                 "plan", "history would not fit in the line at the new offset")
     if use_triton(conv_state, backend):
-        commit_conv_state_triton(conv_state, conv_state_indices, src_cols, do_copy)
+        commit_conv_state_triton(conv_state, conv_state_indices, src_cols, do_copy, new_offsets)
     else:
-        commit_conv_state_torch(conv_state, conv_state_indices, src_cols, do_copy)
+        commit_conv_state_torch(conv_state, conv_state_indices, src_cols, do_copy, new_offsets)
     return new_offsets
 
 
-def make_conv_commit_plan(accepted_nodes, num_accepted, width, state_len, index_only_chain=False,
+def make_conv_commit_plan(accepted_nodes, num_accepted, width, state_len, placement="front",
                           check_values=True):
     """(src_cols [B, W-1] int32, do_copy [B] bool, new_offsets [B] int32) for commit_conv_state.
 
@@ -298,4 +302,4 @@ def make_conv_commit_plan(accepted_nodes, num_accepted, width, state_len, index_
         active = nacc > 0
         _require(bool((accepted_nodes[:, 0].long()[active] == 0).all()), "accepted_nodes",
                  "every accepted path starts at the root (node 0)")
-    return conv_commit_plan(accepted_nodes, num_accepted, width, index_only_chain)
+    return conv_commit_plan(accepted_nodes, num_accepted, width, placement)
