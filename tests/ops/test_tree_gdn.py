@@ -497,9 +497,6 @@ def test_chain_equals_vllm_cpu_op():
 # linear_conv_kernel_dim 4; conv channels 2*16*128 + 48*128 = 10240.
 QWEN27B = dict(H=16, HV=48, K=128, V=128, D=10240, W=4)
 
-gpu = [pytest.mark.gpu, pytest.mark.skipif(not _HAS_CUDA, reason="needs CUDA")]
-
-
 @pytest.mark.parametrize("slot_dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("shape", ["best_first", "random", "star", "deep_wide", "padding"])
 @pytest.mark.gpu
