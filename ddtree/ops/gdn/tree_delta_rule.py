@@ -59,9 +59,9 @@ def _tree_gdn_fwd_kernel(
         b_h = tl.load(state_pool + init_line * stride_state_line + h_offsets,
                       mask=mask_h, other=0.0).to(tl.float32)
 
-    # Software pipelining: everything node n+1 needs (its inputs and, when its parent is not node
-    # n, the parent's saved state) is loaded at the top of iteration n, so the loads overlap node
-    # n's arithmetic instead of stalling the next iteration. The loop has no branches.
+    # Software pipelining: node n+1's inputs (and, with PREFETCH_PARENT, its parent's saved state
+    # when that parent is not node n) are loaded at the top of iteration n, so the loads overlap
+    # node n's arithmetic instead of stalling the next iteration.
     tok = (i_r * N).to(tl.int64)
     b_q = tl.load(q + (tok * H + i_h) * K + o_k, mask=mask_k, other=0.0).to(tl.float32)
     b_k = tl.load(k + (tok * H + i_h) * K + o_k, mask=mask_k, other=0.0).to(tl.float32)
