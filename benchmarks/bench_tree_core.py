@@ -7,8 +7,11 @@ gets the target's token per node slot [B, N] (the vocab-wide argmax / sampling o
 pass vLLM's chain sampler already makes over [B*(k+1), V]).
 
 step = build_tree + flatten_tree (positions, ancestor mask, child table, logits rows, packed tree mask)
-+ tree_walk. On CUDA the step is also captured in one CUDA graph (`step_graph`), which is how the
-glue would run it; times are medians of CUDA-event timings. On CPU, medians of perf_counter.
++ tree_walk, each with backend "torch" (batched torch ops) or "triton" (one launch each). On CUDA the
+step is captured in one CUDA graph (`step_graph_*`; also `pre_graph_triton` = build + flatten, the part
+before the verifier, and `walk_graph_triton`, the part after it), which is how the glue would run it;
+eager per-part columns on CUDA are bound by Python launch overhead. Times are medians of CUDA-event
+timings (CUDA) or perf_counter (CPU, torch backend only: the Triton interpreter is not a CPU backend).
 FlashInfer's full-kv mask (`fi_mask_p1024`, prefix 1024, data-dependent size, eager) is extra.
 
 Usage: python benchmarks/bench_tree_core.py [--device cuda|cpu] [--quick] [--out PATH]
@@ -107,8 +110,12 @@ def main():
     ap.add_argument("--iters", type=int, default=None)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (1: stable numbers on a shared machine)")
     args = ap.parse_args()
     dev = args.device
+    if dev == "cpu":
+        torch.set_num_threads(args.threads)
     iters = args.iters or (100 if dev == "cuda" else 10)
     vmax = args.vocab_max_batch if args.vocab_max_batch is not None else (64 if dev == "cuda" else 1)
     batches = [int(x) for x in args.batches.split(",")]
@@ -120,38 +127,48 @@ def main():
     backends = ["torch", "triton"] if dev == "cuda" else ["torch"]
     rows = []
     print(f"device: {name}  torch {torch.__version__}  L={L} K={K} V={V}  (ms, median of {iters})")
-    hdr = ["batch", "budget"] + [f"build_{b}" for b in backends] + ["flatten", "walk", "step"]
+    hdr = ["batch", "budget"]
+    for part in ("build", "flatten", "walk"):
+        hdr += [f"{part}_{b}" for b in backends]
     if dev == "cuda":
-        hdr += [f"step_graph_{b}" for b in backends]
+        hdr += [f"step_graph_{b}" for b in backends] + ["pre_graph_triton", "walk_graph_triton"]
+    else:
+        hdr += ["step_torch"]
     hdr += ["fi_mask_p1024", "draft_topk", "greedy_vocab", "sample_vocab"]
     print(" ".join(f"{h:>16}" for h in hdr))
+    eager_iters = max(10, iters // 5) if dev == "cuda" else iters
     for budget in budgets:
         for B in batches:
             lp, ids, root, root_pos = make_inputs(B, L, K, budget, dev)
             N = budget + 1
             row = {"batch": B, "budget": budget, "top_k": K, "depth": L}
-            for be in backends:
-                row[f"build_{be}"] = timer(dev, lambda: build_tree(
-                    root_token_ids=root, budget=budget, top_k=K, topk_logprobs=lp, topk_ids=ids, backend=be), iters)
             tree = build_tree(root_token_ids=root, budget=budget, top_k=K, topk_logprobs=lp, topk_ids=ids)
-            row["flatten"] = timer(dev, lambda: flatten_tree(tree, root_pos), iters)
             # target tokens agreeing with the draft most of the time (long accepted paths)
             tgt = torch.where(torch.rand(B, N, device=dev) < 0.8, tree.token_ids.roll(-1, 1).clamp(min=0), 0)
-            row["walk"] = timer(dev, lambda: tree_walk(tree, tgt), iters)
-            best = backends[-1]
 
-            def step(be=best):
-                t = build_tree(root_token_ids=root, budget=budget, top_k=K, topk_logprobs=lp, topk_ids=ids,
-                               backend=be)
-                f = flatten_tree(t, root_pos)
-                w = tree_walk(t, tgt)
-                return t, f, w
+            def build(be):
+                return build_tree(root_token_ids=root, budget=budget, top_k=K, topk_logprobs=lp, topk_ids=ids,
+                                  backend=be)
 
-            row["step"] = timer(dev, step, iters)
-            row["step_backend"] = best
+            def pre(be):
+                t = build(be)
+                return t, flatten_tree(t, root_pos, backend=be)
+
+            def step(be):
+                t, f = pre(be)
+                return t, f, tree_walk(t, tgt, backend=be)
+
+            for be in backends:
+                row[f"build_{be}"] = timer(dev, lambda: build(be), eager_iters)
+                row[f"flatten_{be}"] = timer(dev, lambda: flatten_tree(tree, root_pos, backend=be), eager_iters)
+                row[f"walk_{be}"] = timer(dev, lambda: tree_walk(tree, tgt, backend=be), eager_iters)
             if dev == "cuda":
                 for be in backends:
                     row[f"step_graph_{be}"] = graph_time(lambda be=be: step(be), iters)
+                row["pre_graph_triton"] = graph_time(lambda: pre("triton"), iters)
+                row["walk_graph_triton"] = graph_time(lambda: tree_walk(tree, tgt, backend="triton"), iters)
+            else:
+                row["step_torch"] = timer(dev, lambda: step("torch"), iters)
             if B <= vmax:
                 vis = flatten_tree(tree, root_pos).ancestor_mask
                 prefix = torch.full((B,), 1024, dtype=torch.long)  # host-side lengths, as vLLM has them
@@ -177,7 +194,9 @@ def main():
             "input_path": "top-K only: draft [B, L, K] log-probs/ids in, target token per node in; "
                           "vocab-wide ops timed separately (bf16 logits, V=%d)" % V,
             "timing": "CUDA events median" if dev == "cuda" else "perf_counter median",
-            "iters": iters, "units": "ms", "rows": rows}
+            "iters": iters, "units": "ms", "rows": rows,
+            "cpu_threads": torch.get_num_threads() if dev == "cpu" else None,
+            "loadavg_at_end": os.getloadavg() if hasattr(os, "getloadavg") else None}
     with open(out, "w") as f:
         json.dump(meta, f, indent=1)
     print("saved", out)

@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from .build import _triton_available
 from .types import DraftTree, FlashInferMask, FlatTree
 
 
@@ -165,12 +166,28 @@ def flashinfer_custom_mask(vis: torch.Tensor, prefix_lens, q_lens=None) -> Flash
     )
 
 
-def flatten_tree(tree: DraftTree, root_positions: torch.Tensor, compact_logits: bool = False) -> FlatTree:
-    """Static-shape verifier inputs for a batch of trees (see FlatTree)."""
+def flatten_tree(tree: DraftTree, root_positions: torch.Tensor, compact_logits: bool = False,
+                 backend: str = "auto") -> FlatTree:
+    """Static-shape verifier inputs for a batch of trees (see FlatTree).
+
+    backend: "torch", "triton" (one launch; CUDA, or CPU under TRITON_INTERPRET=1) or "auto"
+    (triton on CUDA). Identical output.
+    """
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend: expected 'auto', 'torch' or 'triton', got {backend!r}")
+    positions = node_positions(tree, root_positions)  # also validates root_positions
+    if backend == "auto":
+        backend = "triton" if tree.parents.is_cuda and _triton_available() else "torch"
+    if backend == "triton":
+        from .triton_kernels import flatten_tree_triton
+        flat = flatten_tree_triton(tree, root_positions)
+        if compact_logits:
+            flat.logits_rows = logits_rows(tree, compact=True)
+        return flat
     vis = ancestor_mask(tree)
     B, N = tree.parents.shape
     return FlatTree(
-        positions=node_positions(tree, root_positions),
+        positions=positions,
         ancestor_mask=vis,
         child_table=child_table(tree),
         logits_rows=logits_rows(tree, compact=compact_logits),

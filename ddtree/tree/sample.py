@@ -18,20 +18,30 @@ from __future__ import annotations
 
 import torch
 
+from .build import _triton_available
 from .types import DraftTree, WalkResult
 
 SAMPLING_EPS = 1e-5  # temperature below this means greedy (vLLM's _SAMPLING_EPS)
 
 
-def tree_walk(tree: DraftTree, target_token_ids: torch.Tensor) -> WalkResult:
+def tree_walk(tree: DraftTree, target_token_ids: torch.Tensor, backend: str = "auto") -> WalkResult:
     """Follow each tree with the target's token per node slot ([B, N], any integer dtype).
 
     If two siblings carry the same token (only possible with duplicate draft ids) the lower slot wins.
+    backend: "torch" (vectorised: match edges, pointer doubling, scatter), "triton" (one launch, a
+    depth loop per request; CUDA, or CPU under TRITON_INTERPRET=1) or "auto" (triton on CUDA).
     """
     B, N = tree.token_ids.shape
     L = tree.max_depth
     if target_token_ids.shape != (B, N):
         raise ValueError(f"target_token_ids: expected shape {(B, N)}, got {tuple(target_token_ids.shape)}")
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend: expected 'auto', 'torch' or 'triton', got {backend!r}")
+    if backend == "auto":
+        backend = "triton" if tree.token_ids.is_cuda and _triton_available() else "torch"
+    if backend == "triton":
+        from .triton_kernels import tree_walk_triton
+        return tree_walk_triton(tree, target_token_ids)
     dev = tree.token_ids.device
     t = target_token_ids.to(dev, torch.long)
     slot = torch.arange(N, device=dev).expand(B, N)

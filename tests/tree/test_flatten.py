@@ -115,3 +115,29 @@ def test_gpu_matches_cpu():
     fa = flashinfer_custom_mask(a.ancestor_mask, [10] * 6)
     fb = flashinfer_custom_mask(b.ancestor_mask, [10] * 6)
     assert torch.equal(fa.packed, fb.packed.cpu()) and torch.equal(fa.mask, fb.mask.cpu())
+
+
+def triton_ok():
+    try:
+        import triton  # noqa: F401
+    except Exception:  # noqa: BLE001
+        return False
+    import os
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.mark.skipif(not triton_ok(), reason="needs triton (CUDA, or TRITON_INTERPRET=1 on CPU)")
+@pytest.mark.parametrize("shape", [(3, 5, 3, 11), (2, 15, 8, 32), (3, 3, 1, 3), (2, 2, 2, 9)])
+def test_triton_flatten_matches_torch(shape):
+    B, L, K, budget = shape
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    tree = make_tree(B, L, K, budget, seed=L, limit=torch.tensor([L, 0, 1][:B]))
+    tree = type(tree)(**{f: (getattr(tree, f).to(dev) if isinstance(getattr(tree, f), torch.Tensor)
+                             else getattr(tree, f)) for f in tree.__dataclass_fields__})
+    rp = torch.arange(B, device=dev) * 17
+    for compact in (False, True):
+        a = flatten_tree(tree, rp, compact_logits=compact, backend="torch")
+        b = flatten_tree(tree, rp, compact_logits=compact, backend="triton")
+        for f in ("positions", "ancestor_mask", "child_table", "logits_rows", "tree_mask_packed"):
+            assert torch.equal(getattr(a, f), getattr(b, f)), f
+    assert torch.equal(b.ancestor_mask.cpu(), ancestor_mask_naive(tree))

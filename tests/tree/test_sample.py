@@ -215,6 +215,35 @@ def test_sampler_bad_arguments():
         tree_walk(tree, torch.zeros(2, 3, dtype=torch.long))
 
 
+def triton_ok():
+    try:
+        import triton  # noqa: F401
+    except Exception:  # noqa: BLE001
+        return False
+    import os
+    return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.mark.skipif(not triton_ok(), reason="needs triton (CUDA, or TRITON_INTERPRET=1 on CPU)")
+def test_triton_walk_matches_naive():
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    g = torch.Generator().manual_seed(11)
+    for trial in range(8 if dev == "cpu" else 60):
+        B, V = 4, 4
+        L = int(torch.randint(1, 7, (), generator=g))
+        K = int(torch.randint(1, 4, (), generator=g))
+        budget = int(torch.randint(1, 25, (), generator=g))
+        tree = build_tree(root_token_ids=torch.randint(0, V, (B,), generator=g), budget=budget, top_k=K,
+                          draft_logits=torch.randn(B, L, V, generator=g), chain_seed=trial % 2 == 0,
+                          depth_limit=torch.randint(0, L + 1, (B,), generator=g))
+        t = torch.where(torch.rand(B, budget + 1, generator=g) < 0.7,
+                        tree.token_ids.roll(-1, 1).clamp(min=0), torch.randint(0, V, (B, budget + 1), generator=g))
+        ref = tree_walk_naive(tree, t)
+        dtree = type(tree)(**{f: (getattr(tree, f).to(dev) if isinstance(getattr(tree, f), torch.Tensor)
+                                  else getattr(tree, f)) for f in tree.__dataclass_fields__})
+        assert walk_fields_equal(tree_walk(dtree, t.to(dev), backend="triton"), ref) == [], trial
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_walk_matches_cpu():

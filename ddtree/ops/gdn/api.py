@@ -33,8 +33,8 @@ except ImportError:  # pragma: no cover
     HAS_TRITON = False
 
 __all__ = [
-    "tree_conv1d_update", "tree_gated_delta_rule", "commit_conv_state", "commit_recurrent_state",
-    "accepted_state_lines", "check_tree", "use_triton",
+    "tree_conv1d_update", "tree_gated_delta_rule", "commit_conv_state", "make_conv_commit_plan",
+    "commit_recurrent_state", "accepted_state_lines", "check_tree", "use_triton",
 ]
 
 _INT_DTYPES = (torch.int32, torch.int64)
@@ -102,7 +102,7 @@ def _squeeze_batch(t):
 
 def tree_conv1d_update(x, conv_state, weight, bias, parents, num_nodes, conv_state_indices,
                        conv_state_offsets=None, activation="silu", stage_inputs=False, out=None,
-                       check_tree_values=True, backend=None):
+                       check_tree_values=True, backend=None, kernel_options=None):
     """Causal conv1d update over a batch of trees.
 
     x: [B*N, D] conv inputs (token-major). conv_state: [lines, D, S] (any strides; vLLM's SD layout
@@ -154,7 +154,7 @@ def tree_conv1d_update(x, conv_state, weight, bias, parents, num_nodes, conv_sta
     if use_triton(x, backend):
         return tree_conv1d_update_triton(x, weight, bias, conv_state, conv_state_indices,
                                          conv_state_offsets, parents, num_nodes, out, silu,
-                                         stage_inputs)
+                                         stage_inputs, **(kernel_options or {}))
     return torch_impl.tree_conv1d_update_torch(x, weight, bias, conv_state, conv_state_indices,
                                                conv_state_offsets, parents, num_nodes, out, silu,
                                                stage_inputs)
@@ -163,13 +163,15 @@ def tree_conv1d_update(x, conv_state, weight, bias, parents, num_nodes, conv_sta
 def tree_gated_delta_rule(q, k, v, a, b, A_log, dt_bias, parents, num_nodes, state_pool,
                           initial_state_indices, node_state_indices, slot_pool=None, scale=None,
                           use_qk_l2norm=True, softplus_beta=1.0, softplus_threshold=20.0, out=None,
-                          check_tree_values=True, backend=None, block_v=None):
+                          check_tree_values=True, backend=None, kernel_options=None):
     """Sigmoid-gated delta rule over a batch of trees (vLLM Qwen3.5 decode math).
 
     q, k: [B*N, H, K] (or [1, B*N, H, K]); v: [B*N, HV, V]; a, b: [B*N, HV]; A_log, dt_bias: [HV].
     state_pool: [lines, HV, V, K]; initial_state_indices [B]: line holding the state before the root.
     node_state_indices [B, >=N]: line (in slot_pool, default state_pool) receiving node n's state.
     Slot dtype = slot_pool dtype (fp32, or bf16 to halve the bytes). Returns o [B*N, HV, V] (dtype of v).
+    kernel_options: Triton launch knobs (block_v, num_warps, prefetch_parent); defaults are the
+    ones measured best on an H100 (benchmarks/bench_tree_gdn.py).
     """
     q, k, v = _squeeze_batch(q), _squeeze_batch(k), _squeeze_batch(v)
     if a is not None and a.dim() == 3 and a.shape[0] == 1:
@@ -228,34 +230,76 @@ def tree_gated_delta_rule(q, k, v, a, b, A_log, dt_bias, parents, num_nodes, sta
         return tree_gated_delta_rule_triton(q, k, v, a, b, A_log, dt_bias, parents, num_nodes,
                                             state_pool, initial_state_indices, node_state_indices,
                                             slot_pool, out, scale, use_qk_l2norm, softplus_beta,
-                                            softplus_threshold, block_v=block_v)
+                                            softplus_threshold, **(kernel_options or {}))
     return torch_impl.tree_gated_delta_rule_torch(q, k, v, a, b, A_log, dt_bias, parents, num_nodes,
                                                   state_pool, initial_state_indices,
                                                   node_state_indices, slot_pool, out, scale,
                                                   use_qk_l2norm, softplus_beta, softplus_threshold)
 
 
-def commit_conv_state(conv_state, conv_state_indices, accepted_nodes, num_accepted, width,
-                      index_only_chain=False, backend=None):
+def commit_conv_state(conv_state, conv_state_indices, accepted_nodes=None, num_accepted=None,
+                      width=None, placement="front", check_values=True, backend=None, plan=None):
     """Rebuild each request's conv history along its accepted path (after a staged tree forward).
 
     accepted_nodes [B, L]: node ids on the accepted path, root (0) first; num_accepted [B]: path
     length incl. the root (0 = leave the request alone). Afterwards the history is columns
-    new_offsets[r] .. new_offsets[r]+W-2 of the line: 0 after a copy; with index_only_chain=True a
-    flat-chain path is not copied and its offset (num_accepted-1) is returned instead.
-    Returns new_offsets [B] int32.
+    new_offsets[r] .. new_offsets[r]+W-2 of the line (pass them as the next step's
+    conv_state_offsets). placement: "front" (offset 0), "chain_in_place" (flat-chain paths stay
+    where they are, offset num_accepted-1) or "last_node" (offset = last accepted node, vLLM's
+    num_accepted_tokens-1 when num_accepted_tokens := last node + 1); see commit.py.
+    plan: the result of ``make_conv_commit_plan`` (the same for every GDN layer of a step: compute it
+    once per step and pass it to each layer's commit; accepted_nodes/num_accepted/width are then
+    ignored). Returns new_offsets [B] int32.
     """
-    _require(conv_state.dim() == 3, "conv_state", "must be [lines, D, S]")
-    _require(accepted_nodes.dim() == 2, "accepted_nodes", "must be [B, L]")
-    B, L = accepted_nodes.shape
-    _check_index(accepted_nodes, "accepted_nodes", (B, L), conv_state.device)
-    _check_index(num_accepted, "num_accepted", (B,), conv_state.device)
+    _require(isinstance(conv_state, torch.Tensor) and conv_state.dim() == 3, "conv_state",
+             "must be [lines, D, S]")
+    if plan is None:
+        plan = make_conv_commit_plan(accepted_nodes, num_accepted, width, conv_state.shape[2],
+                                     placement, check_values)
+    src_cols, do_copy, new_offsets = plan
+    B = src_cols.shape[0]
     _check_index(conv_state_indices, "conv_state_indices", (B,), conv_state.device)
-    _require(width >= 2 and conv_state.shape[2] >= width - 1, "width", "inconsistent with conv_state")
-    src_cols, do_copy, new_offsets = conv_commit_plan(accepted_nodes, num_accepted, width,
-                                                      index_only_chain)
+    _require(src_cols.device == conv_state.device, "plan", "must be on the conv_state's device")
+    _require(conv_state.shape[2] >= src_cols.shape[1], "conv_state", "fewer columns than W-1")
+    if check_values:
+        active = do_copy
+        lines = conv_state_indices.long()[active]
+        _require(bool(((lines >= 0) & (lines < conv_state.shape[0])).all()), "conv_state_indices",
+                 "out of range for committed requests")
+        _check_unique_lines(conv_state_indices, active, "conv_state_indices")
+    if check_values:
+        _require(bool((new_offsets.long() + src_cols.shape[1] <= conv_state.shape[2]).all()),
+                 "plan", "history would not fit in the line at the new offset")
     if use_triton(conv_state, backend):
-        commit_conv_state_triton(conv_state, conv_state_indices, src_cols, do_copy)
+        commit_conv_state_triton(conv_state, conv_state_indices, src_cols, do_copy, new_offsets)
     else:
-        commit_conv_state_torch(conv_state, conv_state_indices, src_cols, do_copy)
+        commit_conv_state_torch(conv_state, conv_state_indices, src_cols, do_copy, new_offsets)
     return new_offsets
+
+
+def make_conv_commit_plan(accepted_nodes, num_accepted, width, state_len, placement="front",
+                          check_values=True):
+    """(src_cols [B, W-1] int32, do_copy [B] bool, new_offsets [B] int32) for commit_conv_state.
+
+    state_len: the conv-state line's number of columns S (the staged node inputs are columns
+    W-2 .. W-2+N-1). Pure index math on the device of accepted_nodes; no sync unless check_values.
+    """
+    _require(isinstance(accepted_nodes, torch.Tensor) and accepted_nodes.dim() == 2,
+             "accepted_nodes", "must be [B, L]")
+    B, L = accepted_nodes.shape
+    _check_index(accepted_nodes, "accepted_nodes", (B, L), accepted_nodes.device)
+    _check_index(num_accepted, "num_accepted", (B,), accepted_nodes.device)
+    _require(isinstance(width, int) and width >= 2 and state_len >= width - 1, "width",
+             f"must be an int >= 2 with W-1 <= state_len ({state_len})")
+    if check_values:
+        S = state_len
+        nacc = num_accepted.long()
+        _require(bool(((nacc >= 0) & (nacc <= L)).all()), "num_accepted", f"values must lie in [0, {L}]")
+        in_path = torch.arange(L, device=accepted_nodes.device)[None, :] < nacc[:, None]
+        nodes = accepted_nodes.long()[in_path]
+        _require(bool(((nodes >= 0) & (nodes + width - 2 < S)).all()), "accepted_nodes",
+                 f"node ids must lie in [0, {S - width + 2}) (the staged columns of the line)")
+        active = nacc > 0
+        _require(bool((accepted_nodes[:, 0].long()[active] == 0).all()), "accepted_nodes",
+                 "every accepted path starts at the root (node 0)")
+    return conv_commit_plan(accepted_nodes, num_accepted, width, placement)
