@@ -56,6 +56,13 @@ def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def fresh_prometheus_dir() -> str:
+    """A new PROMETHEUS_MULTIPROC_DIR, so the engine core's metrics (DDTree's among them) reach
+    the API server's /metrics."""
+    import tempfile
+    return tempfile.mkdtemp(prefix="vllm-prom-")
+
+
 class VllmServer:
     """``vllm serve MODEL`` in its own process session, logging to a file."""
 
@@ -66,6 +73,8 @@ class VllmServer:
         self.port = port or free_port()
         self.log_path = Path(log_path)
         self.env = server_env(env)
+        if not (env and "PROMETHEUS_MULTIPROC_DIR" in env):
+            self.env["PROMETHEUS_MULTIPROC_DIR"] = fresh_prometheus_dir()
         self.proc: subprocess.Popen | None = None
 
     @property

@@ -223,12 +223,16 @@ def cpu_gdn_tree_spec_forward(layer, attn_metadata_i, mixed_qkv_spec, b_spec, a_
         q = end - start
         e = step.by_req.get(req_rows[r])
         if e is not None:
-            parents[r, :q] = e.parents[:q]
+            # padding nodes (a budget the tree could not fill) come last; they are computed by
+            # nobody here and their rows stay zero: no node sees them and they are never accepted
+            n = e.num_nodes
+            parents[r, :n] = e.parents[:n]
         else:  # a chain block (no tree for this request): each token's parent is its predecessor
+            n = q
             parents[r, :q] = torch.arange(-1, q - 1)
-        num_nodes[r] = q
+        num_nodes[r] = n
         gather[r * n_slots: r * n_slots + q] = torch.arange(start, end)
-        real[r * n_slots: r * n_slots + q] = True
+        real[r * n_slots: r * n_slots + n] = True
     x = mixed_qkv_spec.index_select(0, gather).contiguous()
 
     from vllm.model_executor.layers.mamba.ops.cpu.gdn_attention import _unpacked_conv_weight
@@ -294,9 +298,21 @@ class DDTreeProposer(DFlashProposer):
         t0 = time.perf_counter()
         batch = next_token_ids.shape[0]
         logits = self._draft_logits.view(batch, depth, -1).float()
+        hook = _test_draft_hook()
+        if hook is not None:
+            logits = self._apply_test_hook(hook, logits, next_token_ids)
         trees = build_tree(root_token_ids=next_token_ids.long(), budget=num_speculative_tokens,
                            top_k=self.ddtree_top_k, draft_logits=logits,
                            chain_seed=self.ddtree_chain_seed)
+        chain_rows = self._structured_output_rows(batch)
+        if chain_rows:
+            # Grammar-constrained requests verify a chain: vLLM validates drafts and builds
+            # bitmasks as a token sequence, which is only right for a path.
+            chains = build_tree(root_token_ids=next_token_ids.long(), budget=num_speculative_tokens,
+                                top_k=1, draft_logits=logits, chain_seed=True)
+            rows = torch.tensor(chain_rows, device=trees.token_ids.device)
+            for f in ("token_ids", "parents", "depths", "ranks", "scores", "num_nodes", "valid"):
+                getattr(trees, f)[rows] = getattr(chains, f)[rows]
         self.last_trees = trees
         self.last_build_s = time.perf_counter() - t0
         state = getattr(self._ddtree_runner, "_ddtree", None)
@@ -306,6 +322,59 @@ class DDTreeProposer(DFlashProposer):
         # Padding slots must still be valid token ids for the embedding; they are never accepted.
         tokens = torch.where(tokens >= 0, tokens, next_token_ids.long()[:, None].expand_as(tokens))
         return tokens.to(torch.int64)
+
+
+    def _structured_output_rows(self, batch: int) -> list[int]:
+        runner = self._ddtree_runner
+        rows = []
+        for i, rid in enumerate(runner.input_batch.req_ids[:batch]):
+            req = runner.requests.get(rid)
+            params = getattr(req, "sampling_params", None)
+            if params is not None and getattr(params, "structured_outputs", None) is not None:
+                rows.append(i)
+        return rows
+
+    def _apply_test_hook(self, hook, logits: torch.Tensor, next_token_ids: torch.Tensor):
+        """Tests only: let DDTREE_TEST_DRAFT_HOOK replace the drafter's logits per request, given
+        the request's committed tokens (root included). Used to build drafts with known accept
+        patterns (e.g. wrong at top-1, right at top-2) without a trained drafter."""
+        runner = self._ddtree_runner
+        state = getattr(runner, "_ddtree", None)
+        batch = runner.input_batch
+        out = logits.clone()
+        walk = state.last_walk if state is not None and state.walk_fresh else None
+        for i in range(logits.shape[0]):
+            n = int(batch.num_tokens_no_spec[i])
+            history = batch.token_ids_cpu[i, :n].tolist()
+            if walk is not None and i < walk.committed_token_ids.shape[0]:
+                m = int(walk.num_accepted[i])
+                history += walk.committed_token_ids[i, : m + 1].tolist()
+            else:
+                history.append(int(next_token_ids[i]))
+            repl = hook(history, logits.shape[1], logits.shape[2])
+            if repl is not None:
+                out[i] = repl.to(out.dtype)
+        if state is not None:
+            state.walk_fresh = False
+        return out
+
+
+_TEST_HOOK: list = []
+
+
+def _test_draft_hook():
+    import importlib
+    import os
+
+    if not _TEST_HOOK:
+        spec = os.environ.get("DDTREE_TEST_DRAFT_HOOK")
+        fn = None
+        if spec:
+            module, _, name = spec.partition(":")
+            fn = getattr(importlib.import_module(module), name)
+            logger.warning("DDTree: drafter logits replaced by the test hook %s", spec)
+        _TEST_HOOK.append(fn)
+    return _TEST_HOOK[0]
 
 
 # ----------------------------------------------------------------------------- runner state
@@ -328,6 +397,7 @@ class DDTreeRunnerState:
         self.trees: dict[str, _ReqTree] = {}
         self.verify_cad: CommonAttentionMetadata | None = None
         self.last_walk = None
+        self.walk_fresh = False
         self.last_num_draft: list[int] = []
         self.last_entries: list[TreeEntry] = []
         self.stats = DDTreeStats()
@@ -421,6 +491,7 @@ class DDTreeRunnerState:
         width = min(committed.shape[1], n)
         out[:, :width] = committed[:, :width].to(torch.int32)
         self.last_walk = walk
+        self.walk_fresh = True
         self.last_num_draft = num_draft
         t1 = time.perf_counter()
         if step is not None:
@@ -519,7 +590,7 @@ class DDTreeRunnerState:
         nn_ = trees.num_nodes.cpu()
         self.trees = {rid: _ReqTree(parents[i].clone(), depths[i].clone(), int(nn_[i]))
                       for i, rid in enumerate(req_ids) if i < parents.shape[0]}
-        self.stats.build_s += drafter.last_build_s
+        self.stats.record_build(drafter.last_build_s)
 
 
 def _depths(parents: torch.Tensor) -> torch.Tensor:
@@ -543,7 +614,11 @@ def _unique_layers(layers):
 
 
 class DDTreeStats:
-    """Counters of the tree path, logged periodically (per engine process)."""
+    """Counters of the tree path: logged every 10 s and exported as Prometheus metrics.
+
+    The engine core runs in its own process; its metrics reach the API server's /metrics when
+    PROMETHEUS_MULTIPROC_DIR is set (the container entrypoint and the tests set it).
+    """
 
     def __init__(self) -> None:
         self.steps = 0
@@ -555,26 +630,43 @@ class DDTreeStats:
         self.verify_s = 0.0
         self.commit_s = 0.0
         self._last_log = time.monotonic()
+        self._prom = _prometheus_metrics()
 
     def record(self, step: TreeVerifyStep | None, walk, verify_s: float, commit_s: float) -> None:
         self.verify_s += verify_s
         self.commit_s += commit_s
+        prom = self._prom
+        if prom is not None:
+            prom["verify"].inc(verify_s)
+            prom["commit"].inc(commit_s)
         if step is None:
             return
         nacc = walk.num_accepted.cpu()
         acc = walk.accepted_nodes.cpu()
         for e in step.entries:
             m = int(nacc[e.req_index])
+            sibling = bool(m) and not bool((acc[e.req_index, 1: m + 1] == torch.arange(1, m + 1)).all())
             self.steps += 1
             self.nodes_verified += e.num_nodes
             self.nodes_wasted += e.num_nodes - 1 - m
             self.accepted_hist[m] = self.accepted_hist.get(m, 0) + 1
-            if m and not bool((acc[e.req_index, 1: m + 1] == torch.arange(1, m + 1)).all()):
-                self.sibling_taken += 1
+            self.sibling_taken += int(sibling)
+            if prom is not None:
+                prom["steps"].inc()
+                prom["verified"].inc(e.num_nodes)
+                prom["wasted"].inc(e.num_nodes - 1 - m)
+                prom["depth"].observe(m)
+                if sibling:
+                    prom["sibling"].inc()
         now = time.monotonic()
         if now - self._last_log > 10.0:
             self._last_log = now
             logger.info("%s", self.summary())
+
+    def record_build(self, seconds: float) -> None:
+        self.build_s += seconds
+        if self._prom is not None:
+            self._prom["build"].inc(seconds)
 
     def summary(self) -> str:
         mean = (sum(k * v for k, v in self.accepted_hist.items()) / self.steps) if self.steps else 0.0
@@ -582,3 +674,27 @@ class DDTreeStats:
                 f"nodes_wasted={self.nodes_wasted} mean_accepted={mean:.2f} "
                 f"sibling_taken={self.sibling_taken} accepted_hist={dict(sorted(self.accepted_hist.items()))} "
                 f"build_s={self.build_s:.3f} verify_s={self.verify_s:.3f} commit_s={self.commit_s:.3f}")
+
+
+_PROM: dict | None = None
+
+
+def _prometheus_metrics() -> dict | None:
+    global _PROM
+    if _PROM is None:
+        try:
+            from prometheus_client import Counter, Histogram
+        except ImportError:  # pragma: no cover
+            return None
+        _PROM = {
+            "steps": Counter("vllm:ddtree_verify_steps", "Tree verify blocks (one per request per step)"),
+            "verified": Counter("vllm:ddtree_nodes_verified", "Tree nodes verified by the target, root included"),
+            "wasted": Counter("vllm:ddtree_nodes_wasted", "Draft nodes verified but not accepted"),
+            "sibling": Counter("vllm:ddtree_sibling_taken", "Verify blocks whose accepted path left the top-1 chain"),
+            "depth": Histogram("vllm:ddtree_accepted_depth", "Accepted draft tokens per verify block",
+                               buckets=[0.5 + i for i in range(0, 64)]),
+            "build": Counter("vllm:ddtree_tree_build_seconds", "Time building draft trees"),
+            "verify": Counter("vllm:ddtree_verify_seconds", "Time in the tree walk (target sampling + walk)"),
+            "commit": Counter("vllm:ddtree_commit_seconds", "Time committing KV rows and GDN state"),
+        }
+    return _PROM
