@@ -97,12 +97,25 @@ def main(argv: list[str] | None = None) -> int:
     tree = travelling_bytes(checkout)
     extras = sum(dir_bytes(checkout / e) if (checkout / e).is_dir() else (checkout / e).stat().st_size
                  for e in args.extra)
-    # the first call also carries the manifest, the zstandard wheel and gpu_bundle.py
-    first_extra = sum(s["size"] for s in manifest["side_files"]) + (args.bundle / gb.MANIFEST).stat().st_size \
-        + (HERE / "gpu_bundle.py").stat().st_size
-    budget = int((args.limit_mib - args.margin_mib) * MIB) - tree - first_extra - extras
-    sizes = [p["size"] for p in manifest["parts"]]
+    budget = int((args.limit_mib - args.margin_mib) * MIB) - tree
+    # the first call carries the manifest and gpu_bundle.py (small), so every call can report what
+    # is still missing; then the parts in order, then the zstandard wheel
+    head = [(gb.MANIFEST, args.bundle / gb.MANIFEST), ("gpu_bundle.py", HERE / "gpu_bundle.py")]
+    items = [(p["name"], args.bundle / p["name"]) for p in manifest["parts"]]
+    items += [(s["name"], args.bundle / s["name"]) for s in manifest["side_files"]]
+    head_bytes = sum(p.stat().st_size for _, p in head)
+    sizes = [p.stat().st_size for _, p in items]
+    sizes[0] += head_bytes
     calls = plan_calls(sizes, budget)
+    calls[0] = [-1, -2] + calls[0]              # the head files ride with the first part
+    last_used = sum(sizes[i] for i in calls[-1] if i >= 0)
+    extras_alone = last_used + extras > budget
+    if extras > budget:
+        print(f"--extra paths are {extras / MIB:.1f} MiB, more than one call carries "
+              f"({budget / MIB:.1f} MiB beside the checkout)", file=sys.stderr)
+        return 1
+    if extras_alone:
+        calls.append([])
 
     stage = checkout / args.stage
     plan = {"checkout": str(checkout), "tree_mib": round(tree / MIB, 2),
@@ -111,28 +124,25 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(stage, ignore_errors=True)
     for k, idx in enumerate(calls):
         sub = f"{args.stage}/c{k}"
-        files = [manifest["parts"][i]["name"] for i in idx]
-        if k == 0:
-            files += [gb.MANIFEST, *[s["name"] for s in manifest["side_files"]]]
-        if not args.dry_run:
+        chosen = [head[-1 - i] if i < 0 else items[i] for i in idx]
+        if not args.dry_run and chosen:
             (checkout / sub).mkdir(parents=True, exist_ok=True)
-            for name in files:
+            for name, src in chosen:
                 dst = checkout / sub / name
                 try:
-                    os.link(args.bundle / name, dst)
+                    os.link(src, dst)
                 except OSError:
-                    shutil.copy2(args.bundle / name, dst)
-            if k == 0:
-                shutil.copy2(HERE / "gpu_bundle.py", checkout / sub / "gpu_bundle.py")
-        carry = [sub] + (args.extra if k == len(calls) - 1 else [])
-        command = (f"mkdir -p {REMOTE_DIR} && mv {sub}/* {REMOTE_DIR}/ && "
-                   f"python3 {REMOTE_DIR}/gpu_bundle.py verify {REMOTE_DIR} --quick; "
-                   f"df -h /opt | tail -1")
-        size = sum(sizes[i] for i in idx)
-        plan["calls"].append({"call": k + 1, "carry": carry, "parts": files,
-                              "mib": round(size / MIB, 1), "command": command})
+                    shutil.copy2(src, dst)
+        last = k == len(calls) - 1
+        carry = ([sub] if chosen else []) + (args.extra if last else [])
+        moved = f"mv {sub}/* {REMOTE_DIR}/ && " if chosen else ""
+        command = (f"mkdir -p {REMOTE_DIR} && {moved}"
+                   f"python3 {REMOTE_DIR}/gpu_bundle.py verify {REMOTE_DIR} --quick; df -h /opt | tail -1")
+        mib = sum(src.stat().st_size for _, src in chosen) / MIB
+        plan["calls"].append({"call": k + 1, "carry": carry, "files": [n for n, _ in chosen],
+                              "mib": round(mib + (extras / MIB if last else 0), 1), "command": command})
     print(json.dumps(plan, indent=1))
-    print(f"\n{len(calls)} calls; tree {tree / MIB:.1f} MiB; <= {budget / MIB:.1f} MiB of parts per call. "
+    print(f"\n{len(calls)} calls; tree {tree / MIB:.1f} MiB; <= {budget / MIB:.1f} MiB carried per call. "
           f"After the last: scripts/gpu_bundle_install.sh {REMOTE_DIR} /opt/vllm-site", file=sys.stderr)
     return 0
 
