@@ -155,15 +155,57 @@ def finalize_ddtree(sc: Any) -> None:
         raise _err("model", f"method='{DDTREE_METHOD}' needs a DFlash drafter "
                             f"(architectures {list(DFLASH_DRAFT_ARCHITECTURES)}); "
                             f"{sc.model!r} has {archs}")
-    # The tree verifier is not wired into this build yet: run flat DFlash over the top-1 chain,
-    # which is exactly DDTree with top_k = 1 and budget = min(budget, L).
-    depth = min(sc.num_speculative_tokens, sc.ddtree_budget)
-    if depth != sc.num_speculative_tokens:
-        sc.num_speculative_tokens = depth
-    log_once("chain-form",
-             "dflash_ddtree (budget=%d, top_k=%d, chain_seed=%s): tree verify is not available in "
-             "this build; running flat DFlash over the top-1 chain (%d tokens per step).",
-             sc.ddtree_budget, sc.ddtree_top_k, sc.ddtree_chain_seed, depth)
+    # The drafter proposes L = num_speculative_tokens positions per pass; a tree of `budget` nodes
+    # is at most min(L, budget) deep. A config re-validated inside vLLM keeps its first decision.
+    if sc.ddtree_max_depth is None:
+        sc.ddtree_max_depth = min(sc.num_speculative_tokens, sc.ddtree_budget)
+        sc.ddtree_fallback = tree_path_unsupported_reason(sc)
+        if sc.ddtree_fallback is None:
+            # The scheduler gives every tree node a slot: one "speculative token" per node.
+            sc.num_speculative_tokens = sc.ddtree_budget
+            log_once("tree", "dflash_ddtree: tree verify with budget=%d, top_k=%d, chain_seed=%s, "
+                     "depth<=%d.", sc.ddtree_budget, sc.ddtree_top_k, sc.ddtree_chain_seed,
+                     sc.ddtree_max_depth)
+        else:
+            # Flat DFlash over the top-1 chain = DDTree with top_k = 1, budget = min(L, budget).
+            sc.num_speculative_tokens = sc.ddtree_max_depth
+            record_fallback(sc.ddtree_fallback)
+            log_once("fallback", "dflash_ddtree (budget=%d, top_k=%d, chain_seed=%s): tree verify "
+                     "is not available here (%s); running flat DFlash over the top-1 chain "
+                     "(%d tokens per step).", sc.ddtree_budget, sc.ddtree_top_k,
+                     sc.ddtree_chain_seed, sc.ddtree_fallback, sc.ddtree_max_depth)
+
+
+def tree_path_unsupported_reason(sc: Any) -> str | None:
+    """Why the tree verifier cannot run with this configuration (None: it can)."""
+    if os.environ.get("DDTREE_FORCE_CHAIN", "0") == "1":
+        return "DDTREE_FORCE_CHAIN=1"
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return (f"platform {current_platform.device_name}: the tree attention/GDN path of this "
+                f"build runs on vLLM's CPU backend only")
+    return None
+
+
+_FALLBACKS: dict[str, int] = {}
+
+
+def record_fallback(reason: str) -> None:
+    """Count a fallback in the process's metrics (vllm:ddtree_fallback_total on /metrics)."""
+    _FALLBACKS[reason] = _FALLBACKS.get(reason, 0) + 1
+    try:
+        from prometheus_client import Counter, REGISTRY
+
+        counter = getattr(record_fallback, "_counter", None)
+        if counter is None:
+            existing = REGISTRY._names_to_collectors.get("vllm:ddtree_fallback_total")  # noqa: SLF001
+            counter = existing or Counter("vllm:ddtree_fallback", "DDTree requests for the tree "
+                                          "path that fell back to flat DFlash", ["reason"])
+            record_fallback._counter = counter
+        counter.labels(reason=reason.split(":")[0]).inc()
+    except Exception:  # metrics are best effort; the log line above always appears
+        pass
 
 
 def ddtree_hash_factors(sc: Any) -> list[Any]:

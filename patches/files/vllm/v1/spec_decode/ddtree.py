@@ -1,0 +1,584 @@
+# ddtree-vllm overlay module (copied into vllm/v1/spec_decode/ddtree.py by scripts/apply_overlays.py)
+"""DDTree tree speculative decoding in the V1 model runner.
+
+One decode step of a request with a draft tree (node 0 = the root = the last committed token,
+nodes 1..budget = the flattened draft tree, parent before child):
+
+1. The scheduler schedules 1 + budget tokens (the tree's node tokens in flattened order), exactly as
+   for chain speculation with ``num_speculative_tokens = budget``; every node gets its own KV slot.
+2. ``DDTreeRunnerState.on_positions``: node positions become root position + depth, and the tree's
+   ancestor masks are published as the step's ``TreeVerifyStep`` for the attention / GDN hooks.
+3. The target forward: full-attention layers see the committed prefix plus ancestors only
+   (``cpu_tree_attention_fixup``); GDN layers continue every node from its parent's state
+   (``cpu_gdn_tree_spec_forward``), writing each node's state into its own slot.
+4. ``DDTreeRunnerState.sample``: the tree walk (greedy or sampling, lossless) picks the committed
+   path; the accepted nodes' KV rows move to contiguous positions and the GDN conv / recurrent state
+   is committed along the path (no replay), so the caches look exactly as if the accepted path had
+   been verified as a chain; the request advances by accepted + 1 tokens.
+5. The DFlash drafter gets the accepted path's context features (``drafter_inputs``) and
+   ``DDTreeProposer`` builds the next trees from its top-k log-probs per depth.
+
+The algorithms (tree build, walks, masks, tree GDN ops, tree attention) live in the ``ddtree``
+package; this module is glue. The tree path runs where the attention backend and GDN ops have a tree
+form (this build: vLLM's CPU backend); elsewhere ``method="dflash_ddtree"`` falls back to flat DFlash
+over the top-1 chain (see vllm/config/ddtree.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from vllm.logger import init_logger
+from vllm.v1.attention.backend import CommonAttentionMetadata
+from vllm.v1.outputs import SamplerOutput
+from vllm.v1.spec_decode.dflash import DFlashProposer
+
+logger = init_logger(__name__)
+
+PLACEHOLDER_TOKEN_ID = -1
+
+
+# ----------------------------------------------------------------------------- per-step context
+
+
+@dataclasses.dataclass
+class TreeEntry:
+    """One request's verify block in the current step (CPU tensors)."""
+
+    req_index: int  # row in the input batch
+    start: int  # first token of the block in the flattened batch
+    q_len: int  # tokens scheduled for the block (1 + drafts; <= budget + 1)
+    prefix_len: int  # committed tokens before the root
+    parents: torch.Tensor  # [q_len] long; the root and padding nodes have -1
+    num_nodes: int  # real nodes among the q_len (padding nodes are never accepted)
+    visible: torch.Tensor  # [q_len, q_len] bool ancestor-or-self mask
+
+
+@dataclasses.dataclass
+class TreeVerifyStep:
+    entries: list[TreeEntry]
+    by_req: dict[int, TreeEntry]
+    # filled by the backend hooks during the forward, consumed by the commit
+    attn_layers: list[tuple] = dataclasses.field(
+        default_factory=list)  # (key_cache, value_cache, slot_mapping, layout) per attention layer
+    gdn_layers: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+
+_CURRENT: TreeVerifyStep | None = None
+
+
+def current_tree_step() -> TreeVerifyStep | None:
+    return _CURRENT
+
+
+def _set_current(step: TreeVerifyStep | None) -> None:
+    global _CURRENT
+    _CURRENT = step
+
+
+def _ancestor_mask(parents: torch.Tensor) -> torch.Tensor:
+    n = parents.shape[0]
+    vis = torch.eye(n, dtype=torch.bool)
+    for i in range(1, n):
+        p = int(parents[i])
+        if p >= 0:
+            vis[i, :i] |= vis[p, :i]
+    return vis
+
+
+# ----------------------------------------------------------------------------- attention hook (CPU)
+
+
+def cpu_tree_attention_fixup(impl, query: torch.Tensor, key_cache: torch.Tensor,
+                             value_cache: torch.Tensor, output: torch.Tensor, attn_metadata) -> None:
+    """Recompute the tree requests' rows of a CPU attention layer under the ancestor mask.
+
+    vLLM's CPU kernel ran them causally over the flattened block (KV already written at one slot per
+    node); here each tree request's queries attend to the committed prefix plus their ancestors.
+    """
+    step = _CURRENT
+    if step is None or not step.entries:
+        return
+    from ddtree.attention import tree_attention
+
+    layout = _CpuKVLayout.get(impl.isa, key_cache, value_cache)
+    out3 = output.view(output.shape[0], impl.num_heads, impl.head_size)
+    q3 = query.view(query.shape[0], impl.num_heads, impl.head_size)
+    window = impl.sliding_window if impl.sliding_window and impl.sliding_window > 0 else None
+    for e in step.entries:
+        rows = slice(e.start, e.start + e.q_len)
+        slots = _request_slots(attn_metadata.block_table[e.req_index], e.prefix_len + e.q_len,
+                               layout.block_size)
+        k, v = layout.read(key_cache, value_cache, slots)
+        out3[rows] = tree_attention(q3[rows], k, v, e.prefix_len, e.visible, impl.scale, window)
+    step.attn_layers.append((key_cache, value_cache, attn_metadata.slot_mapping, layout))
+
+
+def _request_slots(block_table_row: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
+    pos = torch.arange(length)
+    return block_table_row.long()[pos // block_size] * block_size + pos % block_size
+
+
+class _CpuKVLayout:
+    """Where vLLM's CPU attention puts token t, channel d of a (block, kv head) in its cache.
+
+    The CPU kernels store K and/or V in ISA-specific orders inside each block (e.g. K as [D, block]
+    for the vec16 ISA). Rather than hard-code them, the order is learnt once per (ISA, shape) by
+    writing a known pattern with vLLM's own ``cpu_attn_reshape_and_cache`` into a scratch cache.
+    """
+
+    _cache: dict = {}
+
+    def __init__(self, k_index: torch.Tensor, v_index: torch.Tensor, block_size: int, head_dim: int):
+        self.k_index, self.v_index = k_index, v_index  # [block_size, head_dim] flat offsets
+        self.block_size, self.head_dim = block_size, head_dim
+
+    @classmethod
+    def get(cls, isa: str, key_cache: torch.Tensor, value_cache: torch.Tensor) -> "_CpuKVLayout":
+        _, kv_heads, block_size, head_dim = key_cache.shape
+        key = (isa, block_size, head_dim, key_cache.dtype)
+        if key not in cls._cache:
+            from vllm import _custom_ops as ops
+
+            kv = torch.zeros(1, 1, 2 * block_size, head_dim, dtype=key_cache.dtype)
+            kc, vc = kv.chunk(2, dim=2)
+            n = block_size * head_dim
+            # distinct, exactly representable values (bf16 has 8 significant bits: use small ints
+            # in two passes, low and high digit)
+            idx = torch.arange(n).view(block_size, 1, head_dim)
+            maps = []
+            for digit in (idx % 128, idx // 128):
+                ops.cpu_attn_reshape_and_cache(
+                    digit.to(key_cache.dtype), (digit + 0).to(key_cache.dtype), kc, vc,
+                    torch.arange(block_size, dtype=torch.int64), isa, k_scale=1.0, v_scale=1.0,
+                    kv_cache_dtype="auto")
+                maps.append((kc.reshape(-1).float().long().clone(), vc.reshape(-1).float().long().clone()))
+            k_inv = maps[0][0] + 128 * maps[1][0]  # flat element e holds logical index k_inv[e]
+            v_inv = maps[0][1] + 128 * maps[1][1]
+            k_index = torch.empty(n, dtype=torch.long)
+            v_index = torch.empty(n, dtype=torch.long)
+            k_index[k_inv] = torch.arange(n)
+            v_index[v_inv] = torch.arange(n)
+            cls._cache[key] = cls(k_index.view(block_size, head_dim), v_index.view(block_size, head_dim),
+                                  block_size, head_dim)
+        return cls._cache[key]
+
+    def _flat(self, cache: torch.Tensor) -> torch.Tensor:
+        nb, kvh = cache.shape[:2]
+        return cache.view(nb, kvh, self.block_size * self.head_dim)
+
+    def read(self, key_cache, value_cache, slots: torch.Tensor):
+        """K and V of the given slots as [kv_heads, len(slots), D]."""
+        blk, off = slots // self.block_size, slots % self.block_size
+        k = self._flat(key_cache)[blk[:, None], :, self.k_index[off]]  # [L, D, kvh]
+        v = self._flat(value_cache)[blk[:, None], :, self.v_index[off]]
+        return k.permute(2, 0, 1), v.permute(2, 0, 1)
+
+    def move(self, key_cache, value_cache, src: list[int], dst: list[int]) -> None:
+        s, d = torch.tensor(src), torch.tensor(dst)
+        for cache, index in ((key_cache, self.k_index), (value_cache, self.v_index)):
+            flat = self._flat(cache)
+            rows = flat[(s // self.block_size)[:, None], :, index[s % self.block_size]].clone()
+            flat[(d // self.block_size)[:, None], :, index[d % self.block_size]] = rows
+
+
+# ----------------------------------------------------------------------------- GDN hook (CPU)
+
+
+def cpu_gdn_tree_active() -> bool:
+    return _CURRENT is not None and bool(_CURRENT.entries)
+
+
+def cpu_gdn_tree_spec_forward(layer, attn_metadata_i, mixed_qkv_spec, b_spec, a_spec, conv_buf,
+                              ssm_state, width, state_len) -> torch.Tensor:
+    """Tree form of vLLM's CPU GDN spec forward (same inputs, same output order).
+
+    Each node's conv window and recurrent state come from its parent chain; node t's state is
+    written to spec slot t. The conv line is staged as [history, x_0 .. x_{n-1}] like the chain's
+    rolling buffer, so committing the accepted path is a column gather (see ``_commit_gdn``).
+    """
+    from ddtree.ops.gdn import tree_conv1d_update, tree_gated_delta_rule
+
+    step = _CURRENT
+    assert step is not None
+    num_spec = attn_metadata_i.num_spec_decodes
+    spec_idx = attn_metadata_i.spec_state_indices_tensor[:num_spec].long()
+    qsl = attn_metadata_i.spec_query_start_loc[: num_spec + 1].long()
+    num_acc = attn_metadata_i.num_accepted_tokens[:num_spec].long()
+    masks = attn_metadata_i.spec_sequence_masks
+    req_rows = torch.nonzero(masks).flatten().tolist() if masks is not None else list(range(num_spec))
+    n_slots = spec_idx.shape[1]  # budget + 1
+
+    parents = torch.full((num_spec, n_slots), -1, dtype=torch.long)
+    num_nodes = torch.zeros(num_spec, dtype=torch.long)
+    gather = torch.zeros(num_spec * n_slots, dtype=torch.long)
+    real = torch.zeros(num_spec * n_slots, dtype=torch.bool)
+    for r in range(num_spec):
+        start, end = int(qsl[r]), int(qsl[r + 1])
+        q = end - start
+        e = step.by_req.get(req_rows[r])
+        if e is not None:
+            parents[r, :q] = e.parents[:q]
+        else:  # a chain block (no tree for this request): each token's parent is its predecessor
+            parents[r, :q] = torch.arange(-1, q - 1)
+        num_nodes[r] = q
+        gather[r * n_slots: r * n_slots + q] = torch.arange(start, end)
+        real[r * n_slots: r * n_slots + q] = True
+    x = mixed_qkv_spec.index_select(0, gather).contiguous()
+
+    from vllm.model_executor.layers.mamba.ops.cpu.gdn_attention import _unpacked_conv_weight
+    conv_out = tree_conv1d_update(
+        x, conv_buf, _unpacked_conv_weight(layer), layer.conv1d.bias, parents, num_nodes,
+        conv_state_indices=spec_idx[:, 0].contiguous(),
+        conv_state_offsets=(num_acc - 1).clamp(min=0),
+        activation=layer.activation, stage_inputs=True, backend="torch")
+    query, key, value = layer.rearrange_mixed_qkv(conv_out)
+    a = a_spec.index_select(0, gather)
+    b = b_spec.index_select(0, gather)
+    # vLLM-CPU stores each SSM line as [HV, K, V] in memory; the tree op takes [HV, V, K] views.
+    pool = ssm_state.transpose(-1, -2)
+    init = spec_idx.gather(1, (num_acc - 1).clamp(min=0)[:, None]).squeeze(1)
+    out = tree_gated_delta_rule(
+        query.squeeze(0), key.squeeze(0), value.squeeze(0), a, b, layer.A_log, layer.dt_bias,
+        parents, num_nodes, pool, init.contiguous(), spec_idx.contiguous(), backend="torch")
+    result = out.new_zeros((mixed_qkv_spec.shape[0],) + tuple(out.shape[1:]))
+    result[gather[real]] = out[real]
+    step.gdn_layers.append(dict(conv_buf=conv_buf, ssm_pool=pool, spec_idx=spec_idx,
+                                req_rows=req_rows, width=width))
+    return result
+
+
+# ----------------------------------------------------------------------------- proposer
+
+
+class DDTreeProposer(DFlashProposer):
+    """DFlash drafter pass -> top-k log-probs per depth -> a draft tree per request.
+
+    The runner asks for ``num_speculative_tokens = budget`` tokens (one per tree node); the drafter
+    itself proposes ``ddtree_max_depth`` positions per pass.
+    """
+
+    def __init__(self, vllm_config, device, runner=None):
+        super().__init__(vllm_config, device, runner)
+        self._ddtree_runner = runner
+        sc = vllm_config.speculative_config
+        self.ddtree_budget = sc.ddtree_budget
+        self.ddtree_top_k = sc.ddtree_top_k
+        self.ddtree_chain_seed = bool(sc.ddtree_chain_seed)
+        self.ddtree_depth = sc.ddtree_max_depth
+        self._draft_logits: torch.Tensor | None = None
+        self.last_trees = None  # DraftTree of the latest propose()
+        self.last_build_s = 0.0
+
+    def _sample_draft_tokens(self, hidden_states, sampling_metadata):
+        # Keep the drafter's logits for the tree build; the chain tokens returned here are unused.
+        logits = self.model.compute_logits(hidden_states)
+        self._draft_logits = logits
+        return logits.argmax(dim=-1), None
+
+    def propose(self, num_speculative_tokens, target_token_ids, target_positions,
+                target_hidden_states, next_token_ids, token_indices_to_sample,
+                common_attn_metadata, sampling_metadata, mm_embed_inputs=None,
+                num_rejected_tokens_gpu=None, slot_mappings=None):
+        from ddtree.tree import build_tree
+
+        depth = min(self.ddtree_depth, num_speculative_tokens)
+        super().propose(depth, target_token_ids, target_positions, target_hidden_states,
+                        next_token_ids, token_indices_to_sample, common_attn_metadata,
+                        sampling_metadata, mm_embed_inputs, num_rejected_tokens_gpu, slot_mappings)
+        t0 = time.perf_counter()
+        batch = next_token_ids.shape[0]
+        logits = self._draft_logits.view(batch, depth, -1).float()
+        trees = build_tree(root_token_ids=next_token_ids.long(), budget=num_speculative_tokens,
+                           top_k=self.ddtree_top_k, draft_logits=logits,
+                           chain_seed=self.ddtree_chain_seed)
+        self.last_trees = trees
+        self.last_build_s = time.perf_counter() - t0
+        state = getattr(self._ddtree_runner, "_ddtree", None)
+        if state is not None:
+            state.after_propose(self, list(self._ddtree_runner.input_batch.req_ids))
+        tokens = trees.token_ids[:, 1:]
+        # Padding slots must still be valid token ids for the embedding; they are never accepted.
+        tokens = torch.where(tokens >= 0, tokens, next_token_ids.long()[:, None].expand_as(tokens))
+        return tokens.to(torch.int64)
+
+
+# ----------------------------------------------------------------------------- runner state
+
+
+@dataclasses.dataclass
+class _ReqTree:
+    parents: torch.Tensor  # [budget+1] long (CPU)
+    depths: torch.Tensor  # [budget+1] long
+    num_nodes: int
+
+
+class DDTreeRunnerState:
+    """Tree bookkeeping owned by one GPUModelRunner (V1)."""
+
+    def __init__(self, runner) -> None:
+        sc = runner.speculative_config
+        self.runner = runner
+        self.budget = sc.ddtree_budget
+        self.trees: dict[str, _ReqTree] = {}
+        self.verify_cad: CommonAttentionMetadata | None = None
+        self.last_walk = None
+        self.last_num_draft: list[int] = []
+        self.last_entries: list[TreeEntry] = []
+        self.stats = DDTreeStats()
+        logger.info("DDTree tree verify active: budget=%d top_k=%d chain_seed=%s depth=%d",
+                    sc.ddtree_budget, sc.ddtree_top_k, sc.ddtree_chain_seed, sc.ddtree_max_depth)
+
+    # -- step 2: positions and masks ---------------------------------------------------------
+    def on_positions(self, scheduler_output, num_reqs: int, num_scheduled_tokens: np.ndarray) -> None:
+        runner = self.runner
+        entries: list[TreeEntry] = []
+        spec = scheduler_output.scheduled_spec_decode_tokens
+        if spec:
+            cu = np.cumsum(num_scheduled_tokens[:num_reqs])
+            computed = runner.input_batch.num_computed_tokens_cpu
+            for req_id, drafts in spec.items():
+                tree = self.trees.get(req_id)
+                if tree is None or not drafts:
+                    continue
+                i = runner.input_batch.req_id_to_index[req_id]
+                q = int(num_scheduled_tokens[i])
+                if q != len(drafts) + 1:
+                    continue  # not a pure verify block (e.g. chunked) - leave it to the chain path
+                start = int(cu[i]) - q
+                prefix = int(computed[i])
+                parents = tree.parents[:q].clone()
+                parents[tree.num_nodes:] = -1  # padding nodes: isolated
+                depths = tree.depths[:q]
+                runner.positions[start:start + q] = (prefix + depths).to(runner.positions.device)
+                entries.append(TreeEntry(i, start, q, prefix, parents, min(tree.num_nodes, q),
+                                         _ancestor_mask(parents)))
+        self.last_entries = entries
+        _set_current(TreeVerifyStep(entries, {e.req_index: e for e in entries}) if entries else None)
+
+    # -- step 4: sample, walk and commit -----------------------------------------------------
+    def sample(self, logits: torch.Tensor, spec_decode_metadata, sampling_metadata) -> SamplerOutput:
+        from ddtree.tree import DraftTree, sample_target_tokens, tree_walk
+
+        t0 = time.perf_counter()
+        runner = self.runner
+        step = _CURRENT
+        num_reqs = runner.input_batch.num_reqs
+        n = self.budget + 1
+        num_draft = list(spec_decode_metadata.num_draft_tokens)
+        dev = logits.device
+        # Per request: tree arrays padded to n node slots; requests without a tree verify a chain
+        # of their scheduled drafts (flat rows), which the walk handles as a tree that is a path.
+        parents = torch.full((num_reqs, n), -1, dtype=torch.long)
+        depths = torch.zeros((num_reqs, n), dtype=torch.long)
+        tokens = torch.full((num_reqs, n), -1, dtype=torch.long)
+        valid = torch.zeros((num_reqs, n), dtype=torch.bool)
+        rows = torch.zeros((num_reqs, n), dtype=torch.long)
+        row_valid = torch.zeros((num_reqs, n), dtype=torch.bool)
+        by_req = step.by_req if step is not None else {}
+        draft_ids = spec_decode_metadata.draft_token_ids.cpu().long()
+        cu_draft = np.concatenate([[0], np.cumsum(num_draft)])
+        cu_rows = np.concatenate([[0], np.cumsum(np.asarray(num_draft) + 1)])
+        for i in range(num_reqs):
+            q = num_draft[i] + 1
+            rows[i, :q] = torch.arange(int(cu_rows[i]), int(cu_rows[i]) + q)
+            row_valid[i, :q] = True
+            tokens[i, 1:q] = draft_ids[int(cu_draft[i]): int(cu_draft[i + 1])]
+            e = by_req.get(i)
+            if e is not None:
+                parents[i, :q] = e.parents
+                real = e.num_nodes
+                valid[i, :real] = True
+                depths[i, :q] = _depths(e.parents)
+            else:
+                parents[i, :q] = torch.arange(-1, q - 1)
+                depths[i, :q] = torch.arange(q)
+                valid[i, :q] = True
+        max_depth = int(depths.max()) if depths.numel() else 0
+        tree = DraftTree(token_ids=tokens.to(dev), parents=parents.to(dev), depths=depths.to(dev),
+                         ranks=torch.zeros_like(parents).to(dev),
+                         scores=torch.zeros((num_reqs, n), dtype=torch.float32, device=dev),
+                         num_nodes=valid.sum(1).to(dev), valid=valid.to(dev),
+                         max_depth=max(max_depth, 1), top_k=1)
+        flat_logits = logits[rows.clamp(max=logits.shape[0] - 1).flatten().to(dev)]
+        flat_logits = flat_logits.view(num_reqs, n, -1)
+        if sampling_metadata.all_greedy:
+            target = flat_logits.argmax(-1)
+        else:
+            temperature = sampling_metadata.temperature[:num_reqs]
+            top_k = sampling_metadata.top_k[:num_reqs] if sampling_metadata.top_k is not None else None
+            top_p = sampling_metadata.top_p[:num_reqs] if sampling_metadata.top_p is not None else None
+            target = sample_target_tokens(flat_logits.float(), temperature, top_k, top_p,
+                                          sampling_metadata.generators)
+        walk = tree_walk(tree, target)
+        committed = walk.committed_token_ids  # [B, max_depth+1]
+        out = torch.full((num_reqs, n), PLACEHOLDER_TOKEN_ID, dtype=torch.int32, device=dev)
+        width = min(committed.shape[1], n)
+        out[:, :width] = committed[:, :width].to(torch.int32)
+        self.last_walk = walk
+        self.last_num_draft = num_draft
+        t1 = time.perf_counter()
+        if step is not None:
+            self._commit(step, walk)
+        self.stats.record(step, walk, t1 - t0, time.perf_counter() - t1)
+        _set_current(None)
+        return SamplerOutput(sampled_token_ids=out, logprobs_tensors=None)
+
+    def _commit(self, step: TreeVerifyStep, walk) -> None:
+        acc = walk.accepted_nodes.cpu()
+        nacc = walk.num_accepted.cpu()
+        # Full attention: move accepted nodes' KV rows to the positions right after the root.
+        for key_cache, value_cache, slot_mapping, layout in _unique_layers(step.attn_layers):
+            src, dst = [], []
+            for e in step.entries:
+                m = int(nacc[e.req_index])
+                for j in range(1, m + 1):
+                    a = int(acc[e.req_index, j])
+                    if a != j:
+                        src.append(int(slot_mapping[e.start + a]))
+                        dst.append(int(slot_mapping[e.start + j]))
+            if src:
+                layout.move(key_cache, value_cache, src, dst)
+        # GDN: conv history along the path, recurrent state of the last accepted node -> slot m.
+        for rec in step.gdn_layers:
+            conv_buf, pool, spec_idx, width = rec["conv_buf"], rec["ssm_pool"], rec["spec_idx"], rec["width"]
+            for r, req_row in enumerate(rec["req_rows"]):
+                e = step.by_req.get(req_row)
+                if e is None:
+                    continue
+                m = int(nacc[req_row])
+                path = acc[req_row, : m + 1]
+                if bool((path == torch.arange(m + 1)).all()):
+                    continue  # flat chain: already laid out as vLLM's chain path leaves it
+                line = int(spec_idx[r, 0])
+                cols = (width - 2) + path
+                conv_buf[line, :, width - 2: width - 1 + m] = conv_buf[line][:, cols].clone()
+                last = int(path[-1])
+                pool[int(spec_idx[r, m])] = pool[int(spec_idx[r, last])].clone()
+
+    # -- step 5: drafter inputs along the accepted path ----------------------------------------
+    def drafter_inputs(self, runner, aux_hidden_states, hidden_states):
+        cad = self.verify_cad
+        walk = self.last_walk
+        assert cad is not None and walk is not None
+        acc = walk.accepted_nodes.cpu()
+        nacc = walk.num_accepted.cpu()
+        by_req = {e.req_index: e for e in self.last_entries}
+        qsl = cad.query_start_loc_cpu.long()
+        num_reqs = cad.num_reqs
+        idx: list[torch.Tensor] = []
+        counts = torch.zeros(num_reqs, dtype=torch.long)
+        for i in range(num_reqs):
+            start, end = int(qsl[i]), int(qsl[i + 1])
+            if i in by_req:
+                m = int(nacc[i])
+                idx.append(start + acc[i, : m + 1])
+            else:
+                # a chain block keeps its accepted prefix; a block without drafts (a prefill
+                # chunk, or a decode without drafts) keeps all its tokens
+                q = end - start
+                keep = int(nacc[i]) + 1 if self.last_num_draft[i] > 0 else q
+                idx.append(torch.arange(start, start + keep))
+            counts[i] = idx[-1].numel()
+        token_indices_cpu = torch.cat(idx) if idx else torch.zeros(0, dtype=torch.long)
+        dev = cad.query_start_loc.device
+        token_indices = token_indices_cpu.to(dev)
+        new_qsl_cpu = torch.zeros(num_reqs + 1, dtype=torch.int32)
+        new_qsl_cpu[1:] = torch.cumsum(counts, 0).to(torch.int32)
+        q_lens = (qsl[1:] - qsl[:-1])
+        seq_cpu = cad.seq_lens_cpu_upper_bound if cad.seq_lens_cpu_upper_bound is not None else cad.seq_lens.cpu()
+        new_seq_cpu = (seq_cpu[:num_reqs].long() - q_lens + counts).to(torch.int32)
+        new_cad = CommonAttentionMetadata(
+            query_start_loc=new_qsl_cpu.to(dev), seq_lens=new_seq_cpu.to(dev),
+            query_start_loc_cpu=new_qsl_cpu, _seq_lens_cpu=new_seq_cpu,
+            _num_computed_tokens_cpu=cad._num_computed_tokens_cpu,
+            seq_lens_cpu_upper_bound=new_seq_cpu, num_reqs=num_reqs,
+            num_actual_tokens=int(token_indices_cpu.numel()), max_query_len=int(counts.max()),
+            max_seq_len=int(new_seq_cpu.max()), block_table_tensor=cad.block_table_tensor,
+            slot_mapping=cad.slot_mapping[token_indices], causal=True,
+            dcp_local_seq_lens=cad.dcp_local_seq_lens)
+        target_token_ids = runner.input_ids.gpu[token_indices]
+        target_positions = runner._get_positions(token_indices)
+        if runner.use_aux_hidden_state_outputs:
+            target_hidden_states = torch.cat([h[token_indices] for h in aux_hidden_states], dim=-1)
+        else:
+            target_hidden_states = hidden_states[token_indices]
+        return new_cad, target_token_ids, target_positions, target_hidden_states
+
+    def after_propose(self, drafter, req_ids: list[str]) -> None:
+        trees = drafter.last_trees
+        if trees is None:
+            return
+        parents = trees.parents.cpu()
+        depths = trees.depths.cpu()
+        nn_ = trees.num_nodes.cpu()
+        self.trees = {rid: _ReqTree(parents[i].clone(), depths[i].clone(), int(nn_[i]))
+                      for i, rid in enumerate(req_ids) if i < parents.shape[0]}
+        self.stats.build_s += drafter.last_build_s
+
+
+def _depths(parents: torch.Tensor) -> torch.Tensor:
+    d = torch.zeros_like(parents)
+    for i in range(1, parents.shape[0]):
+        p = int(parents[i])
+        d[i] = d[p] + 1 if p >= 0 else 0
+    return d
+
+
+def _unique_layers(layers):
+    seen = set()
+    for kc, vc, sm, layout in layers:
+        key = (kc.data_ptr(), vc.data_ptr())
+        if key not in seen:
+            seen.add(key)
+            yield kc, vc, sm, layout
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+class DDTreeStats:
+    """Counters of the tree path, logged periodically (per engine process)."""
+
+    def __init__(self) -> None:
+        self.steps = 0
+        self.nodes_verified = 0
+        self.nodes_wasted = 0
+        self.accepted_hist: dict[int, int] = {}
+        self.sibling_taken = 0
+        self.build_s = 0.0
+        self.verify_s = 0.0
+        self.commit_s = 0.0
+        self._last_log = time.monotonic()
+
+    def record(self, step: TreeVerifyStep | None, walk, verify_s: float, commit_s: float) -> None:
+        self.verify_s += verify_s
+        self.commit_s += commit_s
+        if step is None:
+            return
+        nacc = walk.num_accepted.cpu()
+        acc = walk.accepted_nodes.cpu()
+        for e in step.entries:
+            m = int(nacc[e.req_index])
+            self.steps += 1
+            self.nodes_verified += e.num_nodes
+            self.nodes_wasted += e.num_nodes - 1 - m
+            self.accepted_hist[m] = self.accepted_hist.get(m, 0) + 1
+            if m and not bool((acc[e.req_index, 1: m + 1] == torch.arange(1, m + 1)).all()):
+                self.sibling_taken += 1
+        now = time.monotonic()
+        if now - self._last_log > 10.0:
+            self._last_log = now
+            logger.info("%s", self.summary())
+
+    def summary(self) -> str:
+        mean = (sum(k * v for k, v in self.accepted_hist.items()) / self.steps) if self.steps else 0.0
+        return (f"DDTree stats: steps={self.steps} nodes_verified={self.nodes_verified} "
+                f"nodes_wasted={self.nodes_wasted} mean_accepted={mean:.2f} "
+                f"sibling_taken={self.sibling_taken} accepted_hist={dict(sorted(self.accepted_hist.items()))} "
+                f"build_s={self.build_s:.3f} verify_s={self.verify_s:.3f} commit_s={self.commit_s:.3f}")
