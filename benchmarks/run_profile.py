@@ -47,7 +47,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(0, str(HERE))
 
-from servertools import CPU_TINY_FLAGS, VllmServer, parse_prometheus, spec_decode_stats  # noqa: E402
+from servertools import CPU_TINY_FLAGS, VllmServer, ddtree_lines, spec_decode_stats  # noqa: E402
 from physical_bound import bound_tokens_per_s, model_bytes  # noqa: E402
 import profiles as prof  # noqa: E402
 import prompt_sets  # noqa: E402
@@ -255,8 +255,7 @@ def run(profile: prof.Profile, models: Path, model_label: str, out: Path, device
         finally:
             server.stop()
             text = server.log_text()
-            entry["ddtree_log"] = [l.split("] ", 1)[-1] for l in text.splitlines()
-                                   if "ddtree" in l.lower() or "tree verify" in l.lower()][:5]
+            entry["ddtree_log"] = ddtree_lines(text)
             entry["attention_backend_log"] = [l.split("] ", 1)[-1] for l in text.splitlines()
                                               if "backend" in l.lower() and "using" in l.lower()][:6]
             server_log.write_text("\n".join(text.splitlines()[-400:]) + "\n")

@@ -23,7 +23,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
-from servertools import CPU_TINY_FLAGS, VllmServer, spec_decode_stats, speculative_args  # noqa: E402
+from servertools import (CPU_TINY_FLAGS, VllmServer, ddtree_lines, spec_decode_stats,  # noqa: E402
+                         speculative_args)
 
 PROMPTS = ["def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
            "The Python language reference describes"]
@@ -85,8 +86,7 @@ def main() -> int:
         doc["stream"] = {"chunks": len(chunks), "text": "".join(c.choices[0].text for c in chunks if c.choices),
                          "seconds": round(time.monotonic() - t1, 3)}
         doc["spec_decode"] = spec_decode_stats(server.metrics()) if spec else None
-        doc["ddtree_log"] = [l.split("] ", 1)[-1] for l in server.log_text().splitlines()
-                             if "ddtree" in l.lower()][:5]
+        doc["ddtree_log"] = ddtree_lines(server.log_text())
         doc["backend_log"] = [l.split("] ", 1)[-1] for l in server.log_text().splitlines()
                               if "backend" in l.lower() and ("using" in l.lower() or "selected" in l.lower())][:8]
         rc = 0 if doc["overlay_check"]["rc"] == 0 else 1
