@@ -37,6 +37,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--mode", choices=["ddtree", "dflash", "nospec"], default="ddtree")
     ap.add_argument("--max-tokens", type=int, default=48)
+    ap.add_argument("--start-timeout", type=float, default=420.0)
     ap.add_argument("--cpu", action="store_true", help="CPU flags (a dry run of this script)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -68,7 +69,7 @@ def main() -> int:
     t0 = time.monotonic()
     rc = 1
     try:
-        server.start(timeout=420)
+        server.start(timeout=args.start_timeout)
         doc["startup_s"] = round(time.monotonic() - t0, 1)
         client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="EMPTY")
         models = [m.id for m in client.models.list().data]
