@@ -8,7 +8,7 @@ export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 export HF_HUB_OFFLINE := 1
 export VLLM_NO_USAGE_STATS := 1
 
-.PHONY: help venv vllm-tree overlays check-overlays tiny-models demo test test-fast clean
+.PHONY: help venv vllm-tree overlays check-overlays tiny-models demo test test-fast clean gpu-bundle bench bench-plots
 
 help:
 	@echo "make demo            run the patched vLLM server on CPU with the tiny models and print a completion"
@@ -17,6 +17,8 @@ help:
 	@echo "make vllm-tree       pristine vLLM 0.26.0 Python tree in build/vllm-tree"
 	@echo "make overlays        apply patches/ to the venv's installed vllm (idempotent)"
 	@echo "make check-overlays  report overlay state of the venv's vllm"
+	@echo "make gpu-bundle      offline GPU bundle in build/gpu-bundle (PART_MB=60): see 'GPU hosts without internet'"
+	@echo "make bench           one benchmark profile (PROFILE=cpu-quick, MODELS=build/tiny-models; see benchmarks/profiles.py)"
 
 venv:
 	scripts/make_venv.sh $(VENV)
@@ -43,6 +45,32 @@ test: overlays vllm-tree tiny-models
 # The tests that start no vLLM engine (a quick loop while editing).
 test-fast: overlays vllm-tree
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+# Offline GPU bundle: trimmed vllm 0.26.0 + flashinfer + what the GPU image lacks, zstd parts of at
+# most PART_MB MB with a manifest. A small tools venv holds zstandard (the CPU venv does not need it).
+PART_MB ?= 60
+BUNDLE_VENV := build/bundle-venv
+$(BUNDLE_VENV)/.ok:
+	python3 -m venv $(BUNDLE_VENV)
+	$(BUNDLE_VENV)/bin/python -m pip install -q --disable-pip-version-check zstandard==0.25.0
+	touch $@
+
+gpu-bundle: $(BUNDLE_VENV)/.ok
+	$(BUNDLE_VENV)/bin/python scripts/gpu_bundle.py build --out build/gpu-bundle --part-mb $(PART_MB)
+	$(BUNDLE_VENV)/bin/python scripts/gpu_bundle.py verify build/gpu-bundle
+
+# Benchmark profiles (benchmarks/profiles.py); GPU profiles need a GPU host with the bundle installed.
+PROFILE ?= cpu-quick
+MODELS ?= build/tiny-models
+BENCH_ARGS ?=
+bench: overlays tiny-models
+	$(PY) benchmarks/run_profile.py --profile $(PROFILE) --models $(MODELS) $(BENCH_ARGS)
+
+# PNG plots from every results.json of one device (any python with matplotlib: PLOT_PY=...).
+PLOT_PY ?= python3
+DEVICE ?= h100
+bench-plots:
+	for f in benchmarks/results/$(DEVICE)/*/results.json; do $(PLOT_PY) benchmarks/plot_results.py $$f; done
 
 clean:
 	rm -rf build

@@ -171,5 +171,15 @@ def spec_decode_stats(metrics: dict[str, float]) -> dict[str, float]:
     }
 
 
+def ddtree_lines(log_text: str, limit: int = 8) -> list[str]:
+    """The server's own DDTree lines (which path runs: tree verify or the chain fallback; stats)."""
+    out = []
+    for line in log_text.splitlines():
+        msg = line.split("] ", 1)[-1]
+        if msg.startswith(("dflash_ddtree", "DDTree")):
+            out.append(msg[:400])
+    return out[:limit]
+
+
 def speculative_args(spec: dict | None) -> list[str]:
     return [] if spec is None else ["--speculative-config", json.dumps(spec)]
