@@ -1,0 +1,1 @@
+"""Kernels (Triton, with torch references and CPU fallbacks) used by the ddtree algorithms."""
