@@ -23,6 +23,9 @@ ARG CPU_BASE=debian:bookworm-slim
 
 # ============================================================================================ gb10
 FROM ${CUDA_DEVEL_BASE} AS gb10-build
+# 12.1a = GB10; 9.0a (H100) and 12.0a (RTX 50 / RTX PRO) also work. With CUDA 13 the pinned CMake
+# narrows 12.1a to 12.0 for its generic kernels and builds the SM12x NVFP4 CUTLASS kernels as 12.0f
+# family code, which runs on sm_121 (tests/container/test_gb10_checks.py evaluates this).
 ARG TORCH_CUDA_ARCH_LIST=12.1a
 ARG MAX_JOBS=8
 ARG NVCC_THREADS=2
@@ -44,8 +47,9 @@ ENV PATH=/opt/venv/bin:$PATH \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN --mount=type=secret,id=ca \
     if [ -f /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
- && pip install pip==25.3 packaging \
- && pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} torch==2.11.0 torchvision==0.26.0 torchaudio==2.11.0
+ && if [ -n "$TORCH_INDEX_URL" ]; then export PIP_EXTRA_INDEX_URL="$TORCH_INDEX_URL"; fi \
+ && pip install pip==25.3 packaging==26.3 \
+ && pip install torch==2.11.0 torchvision==0.26.0 torchaudio==2.11.0
 COPY scripts/fetch_sdist.py /opt/ddtree-vllm/scripts/fetch_sdist.py
 COPY vllm /opt/vllm-submodule
 RUN --mount=type=secret,id=ca \
@@ -70,11 +74,17 @@ RUN --mount=type=secret,id=ca \
     pip wheel --no-build-isolation --no-deps -w /wheels . \
  && ls -l /wheels
 
+# The wheel's own requirements (vLLM's setup.py reads requirements/cuda.txt, minus the torch pins that
+# use_existing_torch.py removed) plus FlashInfer at vLLM's pin and ModelOpt for NVFP4 checkpoints.
+# flashinfer-cubin (prebuilt cubins, not on the default index) is left out: FlashInfer compiles what it
+# needs at runtime, which is why the runtime stage keeps nvcc.
 FROM gb10-build AS gb10-venv
+ARG TORCH_INDEX_URL=
+ARG MODELOPT_VERSION=0.47.0
 RUN --mount=type=secret,id=ca \
     if [ -f /run/secrets/ca ]; then export PIP_CERT=/run/secrets/ca; fi \
- && pip install /wheels/vllm-*.whl -r /src/requirements/cuda.txt \
-      flashinfer-python==0.6.14 nvidia-modelopt \
+ && if [ -n "$TORCH_INDEX_URL" ]; then export PIP_EXTRA_INDEX_URL="$TORCH_INDEX_URL"; fi \
+ && pip install /wheels/vllm-*.whl flashinfer-python==0.6.14 "nvidia-modelopt==${MODELOPT_VERSION}" \
  && python -c "import vllm, torch, flashinfer; print('vllm', vllm.__version__, 'torch', torch.__version__, 'flashinfer', flashinfer.__version__)"
 
 FROM ${CUDA_RUNTIME_BASE} AS gb10-runtime
@@ -152,7 +162,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     VLLM_NO_USAGE_STATS=1 \
     DO_NOT_TRACK=1 \
     PYTHONUNBUFFERED=1
-USER ddtree:ddtree
+# Numeric, so `docker run` and Kubernetes' runAsNonRoot can tell it is not root.
+USER 10001:10001
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=900s --retries=3 \
   CMD ["/opt/venv/bin/python", "/opt/ddtree-vllm/container/healthcheck.py"]
