@@ -8,7 +8,8 @@ export PYTHONPATH := $(CURDIR)$(if $(PYTHONPATH),:$(PYTHONPATH))
 export HF_HUB_OFFLINE := 1
 export VLLM_NO_USAGE_STATS := 1
 
-.PHONY: help venv vllm-tree overlays check-overlays tiny-models demo test test-fast clean gpu-bundle bench bench-plots
+.PHONY: help venv vllm-tree overlays check-overlays tiny-models demo test test-fast clean \
+        gpu-bundle bench bench-plots image image-cpu image-base
 
 help:
 	@echo "make demo            run the patched vLLM server on CPU with the tiny models and print a completion"
@@ -19,6 +20,9 @@ help:
 	@echo "make check-overlays  report overlay state of the venv's vllm"
 	@echo "make gpu-bundle      offline GPU bundle in build/gpu-bundle (PART_MB=60): see 'GPU hosts without internet'"
 	@echo "make bench           one benchmark profile (PROFILE=cpu-quick, MODELS=build/tiny-models; see benchmarks/profiles.py)"
+	@echo "make image           GB10 image $(IMAGE):$(VERSION)-gb10 and rollback tag $(IMAGE):$(VERSION)-gb10-v4"
+	@echo "make image-cpu       CPU image $(IMAGE):$(VERSION)-cpu (CPU_BASE=debian:bookworm-slim or a local base)"
+	@echo "make image-base      local Debian base ddtree-vllm-base:bookworm (debootstrap; no registry needed)"
 
 venv:
 	scripts/make_venv.sh $(VENV)
@@ -74,3 +78,30 @@ bench-plots:
 
 clean:
 	rm -rf build
+
+# ---------------------------------------------------------------- container image (README: "Container image")
+VERSION ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+IMAGE ?= ddtree-vllm
+# A client with BuildKit built in (Debian's docker.io client, or one with buildx).
+DOCKER ?= docker
+DOCKER_NETWORK ?= host
+TORCH_CUDA_ARCH_LIST ?= 12.1a
+CPU_BASE ?= debian:bookworm-slim
+# The CA bundle pip needs here goes in as a BuildKit secret (no trace in the layers).
+CA_BUNDLE ?= $(firstword $(wildcard $(PIP_CERT) /etc/ssl/certs/ca-certificates.crt))
+DOCKER_BUILD = DOCKER_BUILDKIT=1 $(DOCKER) build --network $(DOCKER_NETWORK) \
+	$(if $(CA_BUNDLE),--secret id=ca$(comma)src=$(CA_BUNDLE)) \
+	--build-arg VERSION=$(VERSION) --build-arg OVERLAY_DIGEST=$$(container/series_digest.sh .)
+comma := ,
+
+image:
+	$(DOCKER_BUILD) --build-arg FLAVOUR=gb10 --build-arg TORCH_CUDA_ARCH_LIST=$(TORCH_CUDA_ARCH_LIST) \
+	  -t $(IMAGE):$(VERSION)-gb10 .
+	$(DOCKER_BUILD) --build-arg FLAVOUR=gb10 --build-arg TORCH_CUDA_ARCH_LIST=$(TORCH_CUDA_ARCH_LIST) \
+	  --build-arg DEFAULT_PROFILE=dflash -t $(IMAGE):$(VERSION)-gb10-v4 .
+
+image-cpu:
+	$(DOCKER_BUILD) --build-arg FLAVOUR=cpu --build-arg CPU_BASE=$(CPU_BASE) -t $(IMAGE):$(VERSION)-cpu .
+
+image-base:
+	scripts/make_debian_base.sh ddtree-vllm-base:bookworm
