@@ -53,6 +53,7 @@ class LLaDA2MoeConfig(PretrainedConfig):
         mask_token_id=156895,
         pad_token_id=156892,
         eos_token_id=156892,
+        block_length=32,
         **kwargs,
     ):
         self.vocab_size = vocab_size
@@ -91,5 +92,9 @@ class LLaDA2MoeConfig(PretrainedConfig):
         self.router_dtype = router_dtype
         self.moe_router_enable_expert_bias = moe_router_enable_expert_bias
         self.mask_token_id = mask_token_id
+        # Block-diffusion decode defaults (vllm/v1/worker/llada2_block.py). ``canvas_length`` is
+        # what marks a model as a diffusion model for vLLM (ModelConfig.is_diffusion).
+        self.block_length = block_length
+        self.canvas_length = kwargs.pop("canvas_length", block_length)
         super().__init__(pad_token_id=pad_token_id, eos_token_id=eos_token_id,
                          tie_word_embeddings=tie_word_embeddings, **kwargs)
