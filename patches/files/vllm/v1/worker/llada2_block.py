@@ -58,9 +58,16 @@ REQUEST_KEYS = ("block_length", "threshold", "max_steps")
 
 
 def is_llada2(model_config: "ModelConfig | None") -> bool:
+    """True for an LLaDA2 model served with block decode (the default).
+
+    ``--hf-overrides '{"canvas_length": null}'`` turns block decode off: the model then runs as a
+    plain causal LM (block length 1), which the tests use to compare raw logits with the reference.
+    """
     if model_config is None:
         return False
     hf = getattr(model_config, "hf_config", None)
+    if getattr(hf, "canvas_length", None) is None:
+        return False
     if getattr(hf, "model_type", None) == LLADA2_MODEL_TYPE:
         return True
     return LLADA2_ARCHITECTURE in (getattr(hf, "architectures", None) or [])
@@ -140,6 +147,8 @@ class LLaDA2BlockDiffusionConfig:
 
     @classmethod
     def verify_and_update_config(cls, vllm_config: "VllmConfig") -> None:
+        if not is_llada2(vllm_config.model_config):
+            return  # block decode switched off (canvas_length null): a plain causal LM
         settings = server_settings(vllm_config)  # raises ValueError on bad server settings
         cache = vllm_config.cache_config
         if cache is not None and cache.enable_prefix_caching:
@@ -156,6 +165,8 @@ class LLaDA2BlockDiffusionConfig:
             if budget is not None and budget < settings.block_length:
                 raise ValueError(f"LLaDA2: max_num_batched_tokens ({budget}) must be at least the "
                                  f"block length ({settings.block_length})")
+        # The frontend validates per-request settings against the server block length.
+        vllm_config.model_config.hf_config.canvas_length = settings.block_length
         logger.info("LLaDA2 block decode: block_length=%d threshold=%g max_steps=%d mask=%d",
                     settings.block_length, settings.threshold, settings.max_steps,
                     settings.mask_token_id)
@@ -166,11 +177,10 @@ def validate_sampling_params(sampling_params: Any, model_config: "ModelConfig") 
     for key in (getattr(sampling_params, "extra_args", None) or {}):
         if key.startswith("llada2_"):
             raise ValueError(f"unknown LLaDA2 request setting {key!r}; use one of {REQUEST_KEYS}")
-    extra = getattr(sampling_params, "extra_args", None) or {}
-    if any(k in extra for k in REQUEST_KEYS):
-        b, t, s = _check(extra.get("block_length", DEFAULT_BLOCK_LENGTH),
-                         extra.get("threshold", DEFAULT_THRESHOLD),
-                         extra.get("max_steps"), "LLaDA2 request (vllm_xargs)")
+    hf = model_config.hf_config
+    server = BlockSettings(int(hf.canvas_length), DEFAULT_THRESHOLD, int(hf.canvas_length),
+                           DEFAULT_MASK_TOKEN_ID)
+    request_settings(server, sampling_params)  # raises ValueError naming the bad field
     if getattr(sampling_params, "n", 1) != 1:
         raise ValueError("LLaDA2 block decode supports n=1 only")
     if getattr(sampling_params, "logprobs", None) or getattr(sampling_params, "prompt_logprobs", None):
