@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-LM_HEAD_SCALE = 6.0
+LM_HEAD_SCALE = 16.0
 CONFIG = dict(
     hidden_size=64,
     intermediate_size=128,
