@@ -1,6 +1,10 @@
-"""DDTree under preemption: a KV cache too small for all 8 requests forces vLLM to preempt and
-recompute; greedy DDTree output (oracle drafter, so trees are accepted along siblings) must still
-equal the target alone under the bf16 tie rule."""
+"""DDTree in-process engine checks against the target alone (bf16 tie rule), oracle drafter so that
+trees are accepted along siblings:
+
+* preemption: a KV cache too small for all 8 requests forces vLLM to preempt and recompute;
+* sampling parameters that need vLLM's history-aware logits processing (repetition penalty,
+  min_tokens) and logprobs: those requests run without drafts through vLLM's own sampler, the others
+  keep their trees, and logprobs are returned for committed tokens only."""
 
 from __future__ import annotations
 
@@ -20,9 +24,9 @@ REPO = Path(__file__).resolve().parents[2]
 BLOCKS = 40  # x 32-token pages (the hybrid page size here): too few for 8 growing requests
 
 
-def _run(cfg: dict, env: dict | None = None) -> dict:
+def run_engine(cfg: dict, env: dict | None = None) -> dict:
     e = dict(os.environ, PYTHONPATH=str(REPO), **(env or {}))
-    p = subprocess.run([sys.executable, str(Path(__file__).with_name("preemption_check.py")),
+    p = subprocess.run([sys.executable, str(Path(__file__).with_name("engine_run.py")),
                         json.dumps(cfg)], capture_output=True, text=True, env=e, timeout=1200,
                        cwd=REPO)
     line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
@@ -34,13 +38,13 @@ def test_ddtree_greedy_survives_preemption(tiny_models, log_dir):
     prompts = token_prompts(tiny_models / "tokenizer", [130, 125, 120, 115, 110, 105, 100, 95])
     base = {"model": str(tiny_models / "target"), "prompts": prompts, "max_tokens": 160,
             "blocks": BLOCKS, "max_model_len": 1024}
-    ref = _run(dict(base, logprobs=True))
+    ref = run_engine(dict(base, logprobs=True))
     oracle = log_dir / "oracle-preemption.json"
     oracle.write_text(json.dumps([{"prompt": p, "completion": o["tokens"]}
                                   for p, o in zip(prompts, ref["outputs"])]))
     spec = {"method": "dflash_ddtree", "model": str(tiny_models / "drafter"), "ddtree_budget": 16,
             "ddtree_top_k": 4}
-    tree = _run(dict(base, spec=spec), env={
+    tree = run_engine(dict(base, spec=spec), env={
         "DDTREE_TEST_DRAFT_HOOK": "tests.support.oracle_drafter:draft_logits",
         "DDTREE_ORACLE_MODE": "mixed", "DDTREE_ORACLE_FILE": str(oracle)})
     report = {"metrics_ref": ref["metrics"], "metrics_tree": tree["metrics"]}
@@ -51,3 +55,27 @@ def test_ddtree_greedy_survives_preemption(tiny_models, log_dir):
     assert all(v.ok for v in verdicts), report["verdicts"]
     assert (tree["metrics"].get("vllm:num_preemptions") or 0) > 0, report
     assert (tree["metrics"].get("vllm:spec_decode_num_accepted_tokens") or 0) > 0, report
+
+
+def test_penalties_min_tokens_and_logprobs(tiny_models, log_dir):
+    prompts = token_prompts(tiny_models / "tokenizer", [30, 45, 60, 75])
+    params = [{"logprobs": 2}, {"repetition_penalty": 1.5, "logprobs": 2}, {}, {"min_tokens": 8}]
+    base = {"model": str(tiny_models / "target"), "prompts": prompts, "max_tokens": 24,
+            "params": params}
+    ref = run_engine(base)
+    oracle = log_dir / "oracle-params.json"
+    oracle.write_text(json.dumps([{"prompt": p, "completion": o["tokens"]}
+                                  for p, o in zip(prompts, ref["outputs"])]))
+    spec = {"method": "dflash_ddtree", "model": str(tiny_models / "drafter"), "ddtree_budget": 16,
+            "ddtree_top_k": 4}
+    tree = run_engine(dict(base, spec=spec), env={
+        "DDTREE_TEST_DRAFT_HOOK": "tests.support.oracle_drafter:draft_logits",
+        "DDTREE_ORACLE_MODE": "mixed", "DDTREE_ORACLE_FILE": str(oracle)})
+    for i, (r, t) in enumerate(zip(ref["outputs"], tree["outputs"])):
+        assert t["tokens"] == r["tokens"], f"request {i} ({params[i]}): {t['tokens']} != {r['tokens']}"
+    for i in (0, 1):  # logprobs of the committed tokens, within bf16 noise of the target alone
+        for (tok, lps_r), lps_t in zip(zip(ref["outputs"][i]["tokens"], ref["outputs"][i]["top2"]),
+                                       tree["outputs"][i]["top2"]):
+            lr, lt = dict(lps_r), dict(lps_t)
+            assert tok in lt and abs(lr[tok] - lt[tok]) < 0.1, (i, tok, lps_r, lps_t)
+    assert (tree["metrics"].get("vllm:spec_decode_num_accepted_tokens") or 0) > 0, tree["metrics"]

@@ -304,7 +304,17 @@ class DDTreeProposer(DFlashProposer):
         trees = build_tree(root_token_ids=next_token_ids.long(), budget=num_speculative_tokens,
                            top_k=self.ddtree_top_k, draft_logits=logits,
                            chain_seed=self.ddtree_chain_seed)
-        chain_rows = self._structured_output_rows(batch)
+        flat_rows = self._vllm_sampler_rows(batch)
+        if flat_rows:
+            # Penalties, bad words, logit bias, min_tokens, ... depend on each position's history,
+            # which vLLM's sampler knows for a chain but not for tree nodes: these requests verify
+            # nothing (root-only trees) and their next token comes from vLLM's own sampler.
+            rows = torch.tensor(flat_rows, device=trees.token_ids.device)
+            trees.num_nodes[rows] = 1
+            trees.valid[rows, 1:] = False
+            trees.parents[rows, 1:] = -1
+            trees.token_ids[rows, 1:] = -1
+        chain_rows = [i for i in self._structured_output_rows(batch) if i not in flat_rows]
         if chain_rows:
             # Grammar-constrained requests verify a chain: vLLM validates drafts and builds
             # bitmasks as a token sequence, which is only right for a path.
@@ -323,6 +333,11 @@ class DDTreeProposer(DFlashProposer):
         tokens = torch.where(tokens >= 0, tokens, next_token_ids.long()[:, None].expand_as(tokens))
         return tokens.to(torch.int64)
 
+
+    def _vllm_sampler_rows(self, batch: int) -> list[int]:
+        runner = self._ddtree_runner
+        return [i for i, rid in enumerate(runner.input_batch.req_ids[:batch])
+                if needs_vllm_sampler(getattr(runner.requests.get(rid), "sampling_params", None))]
 
     def _structured_output_rows(self, batch: int) -> list[int]:
         runner = self._ddtree_runner
@@ -357,6 +372,23 @@ class DDTreeProposer(DFlashProposer):
         if state is not None:
             state.walk_fresh = False
         return out
+
+
+def needs_vllm_sampler(params) -> bool:
+    """Whether a request's sampling needs vLLM's history-aware logits processing."""
+    if params is None:
+        return False
+    return bool(
+        getattr(params, "repetition_penalty", 1.0) != 1.0
+        or getattr(params, "presence_penalty", 0.0) != 0.0
+        or getattr(params, "frequency_penalty", 0.0) != 0.0
+        or getattr(params, "bad_words", None)
+        or getattr(params, "allowed_token_ids", None)
+        or getattr(params, "logit_bias", None)
+        or (getattr(params, "min_tokens", 0) or 0) > 0
+        or (getattr(params, "min_p", 0.0) or 0.0) > 0.0
+        or getattr(params, "logits_processors", None)
+        or getattr(params, "thinking_token_budget", None))
 
 
 _TEST_HOOK: list = []
@@ -490,6 +522,24 @@ class DDTreeRunnerState:
         out = torch.full((num_reqs, n), PLACEHOLDER_TOKEN_ID, dtype=torch.int32, device=dev)
         width = min(committed.shape[1], n)
         out[:, :width] = committed[:, :width].to(torch.int32)
+        flat = [i for i, rid in enumerate(runner.input_batch.req_ids[:num_reqs])
+                if needs_vllm_sampler(getattr(runner.requests.get(rid), "sampling_params", None))]
+        if flat:
+            # Root-only blocks (see DDTreeProposer): vLLM's sampler on the root rows, with
+            # penalties, bad words, logit bias, min_tokens, ... applied as without speculation.
+            root_out = runner.sampler(logits=logits[rows[:, 0].to(dev)], sampling_metadata=sampling_metadata,
+                                      predict_bonus_token=True)
+            f = torch.tensor(flat, device=dev)
+            out[f] = PLACEHOLDER_TOKEN_ID
+            out[f, 0] = root_out.sampled_token_ids.view(-1)[f].to(torch.int32)
+            walk.num_accepted[f] = 0
+            walk.last_accepted_node[f] = 0
+            walk.accepted_nodes[f, 1:] = -1
+            walk.committed_token_ids[f] = -1
+            walk.committed_token_ids[f, 0] = out[f, 0].long()
+        logprobs_tensors = None
+        if sampling_metadata.max_num_logprobs is not None:
+            logprobs_tensors = self._committed_logprobs(logits, rows, walk, out, sampling_metadata)
         self.last_walk = walk
         self.walk_fresh = True
         self.last_num_draft = num_draft
@@ -498,7 +548,25 @@ class DDTreeRunnerState:
             self._commit(step, walk)
         self.stats.record(step, walk, t1 - t0, time.perf_counter() - t1)
         _set_current(None)
-        return SamplerOutput(sampled_token_ids=out, logprobs_tensors=None)
+        return SamplerOutput(sampled_token_ids=out, logprobs_tensors=logprobs_tensors)
+
+    def _committed_logprobs(self, logits, rows, walk, out, sampling_metadata):
+        """Logprobs of the committed tokens only (never of siblings): committed token j was
+        predicted by the row of accepted node j-1 (the root for j = 0). Laid out like the rejection
+        sampler's output ([B * n] rows, placeholders filtered by vLLM's bookkeeping)."""
+        runner = self.runner
+        num_reqs, n = out.shape
+        dev = logits.device
+        acc = walk.accepted_nodes.to(dev)
+        cols = torch.arange(n, device=dev)[None, :].expand(num_reqs, n)
+        node = torch.where(cols < acc.shape[1], acc.gather(1, cols.clamp(max=acc.shape[1] - 1)), 0)
+        node = node.clamp(min=0)
+        row = rows.to(dev).gather(1, node).flatten()
+        sel = logits[row.clamp(max=logits.shape[0] - 1)].to(torch.float32)
+        mode = getattr(runner.sampler, "logprobs_mode", "raw_logprobs")
+        lp = sel if mode in ("raw_logits", "processed_logits") else runner.sampler.compute_logprobs(sel)
+        tokens = out.flatten().to(torch.int64).clamp(min=0)
+        return runner.sampler.gather_logprobs(lp, sampling_metadata.max_num_logprobs, tokens)
 
     def _commit(self, step: TreeVerifyStep, walk) -> None:
         acc = walk.accepted_nodes.cpu()

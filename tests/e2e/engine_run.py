@@ -1,6 +1,7 @@
-"""One engine configuration per process (run by test_ddtree_preemption.py): greedy outputs and
-preemption count for the tiny target, with or without DDTree, under a KV cache that is too small for
-all requests at once. Prints one JSON line."""
+"""Run one in-process engine configuration (a fresh process per configuration: several engines in
+one process trip over vLLM's kernel registration) and print its outputs and a few metrics as one JSON
+line. Used by the e2e tests that need engine options the server tests do not cover (a KV cache too
+small for all requests, per-request sampling parameters)."""
 
 from __future__ import annotations
 
@@ -17,10 +18,12 @@ def main() -> None:
 
     llm = LLM(model=cfg["model"], enforce_eager=True, max_model_len=cfg.get("max_model_len", 2048), language_model_only=True,
               enable_prefix_caching=False, seed=0, max_num_seqs=8, speculative_config=cfg.get("spec"),
-              num_gpu_blocks_override=cfg["blocks"], disable_log_stats=False,
+              num_gpu_blocks_override=cfg.get("blocks"), disable_log_stats=False,
               logprobs_mode="raw_logits", max_logprobs=4)
-    params = SamplingParams(max_tokens=cfg["max_tokens"], temperature=0.0, ignore_eos=True,
-                            logprobs=2 if cfg.get("logprobs") else None)
+    per_request = cfg.get("params") or [{}] * len(cfg["prompts"])
+    params = [SamplingParams(**{"max_tokens": cfg["max_tokens"], "temperature": 0.0, "ignore_eos": True,
+                                "logprobs": 2 if cfg.get("logprobs") else None, **extra})
+              for extra in per_request]
     outs = llm.generate([{"prompt_token_ids": p} for p in cfg["prompts"]], params)
     result = []
     for o in outs:
