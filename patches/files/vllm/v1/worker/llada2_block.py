@@ -340,10 +340,12 @@ class LLaDA2BlockDecoder:
             s = self.settings(runner, req_id)
             schedule = s.schedule()
             block_start, done = self._steps.get(req_id, (r.block_start, 0))
-            if block_start != r.block_start:
+            canvas = ib.token_ids_cpu[i, r.committed:r.committed + r.num_rows].copy()
+            if block_start != r.block_start or (canvas == s.mask_token_id).all():
+                # A new block (an all-mask canvas can only be a first step: every step unmasks
+                # at least one position), also after a preempted request restarts its block.
                 done = 0
             need = schedule[done] if done < len(schedule) else r.num_rows
-            canvas = ib.token_ids_cpu[i, r.committed:r.committed + r.num_rows].copy()
             before = canvas
             canvas = unmask_step(canvas, logits[r.logits_row:r.logits_row + r.num_rows],
                                  s.mask_token_id, s.threshold, need)
