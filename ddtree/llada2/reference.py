@@ -238,7 +238,7 @@ def generate(model: LLaDA2Reference, prompt: list[int], *, max_new_tokens: int,
     step k of a block every still-masked position whose argmax probability exceeds ``threshold`` is
     unmasked; if fewer than ``schedule[k]`` qualify, the ``schedule[k]`` most confident are unmasked
     instead (``schedule`` splits the block over ``steps``; with steps == block_length that is "at
-    least one"). Decoding stops after the block that holds an EOS; tokens after it are dropped.
+    least one"). The mask token is excluded from the prediction, so every block ends unmasked. Decoding stops after the block that holds an EOS; tokens after it are dropped.
     """
     if not (0.0 < threshold <= 1.0):
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
@@ -262,6 +262,8 @@ def generate(model: LLaDA2Reference, prompt: list[int], *, max_new_tokens: int,
             if not masked.any():
                 break
             logits = model.forward(x[:end], block_length)[start:end]
+            # the mask token is never predicted (else a position could stay masked for good)
+            logits[:, mask_token_id] = float("-inf")
             forwards += 1
             n_steps += 1
             probs = torch.softmax(logits.float(), dim=-1)

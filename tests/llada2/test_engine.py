@@ -50,3 +50,18 @@ def test_invalid_request_settings(tiny_llada2):
     assert "exceeds the server's block length" in errors["block_length_too_big"]
     assert "max_steps must be in [1, block_length=4]" in errors["max_steps_too_big"]
     assert "unknown LLaDA2 request setting" in errors["typo_key"]
+
+
+def test_diffusion_config_rejected_for_non_llada2_model(tiny_models):
+    code = (
+        "import json, sys\n"
+        "from vllm.engine.arg_utils import EngineArgs\n"
+        "try:\n"
+        "    EngineArgs(model=sys.argv[1], language_model_only=True, enforce_eager=True,\n"
+        "               diffusion_config={'canvas_length': 8}).create_engine_config()\n"
+        "    print('NO_ERROR')\n"
+        "except ValueError as e:\n"
+        "    print('ERROR', e)\n")
+    p = subprocess.run([sys.executable, "-c", code, str(tiny_models / "target")],
+                       capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert "needs a block-diffusion model" in p.stdout, (p.stdout + p.stderr)[-3000:]

@@ -7,7 +7,7 @@ full-recompute reference the engine is tested against):
 * blocks of ``block_length`` tokens aligned to absolute position 0; the first generated block
   starts with the prompt tail;
 * in step k of a block every still-masked position whose argmax probability exceeds ``threshold``
-  is unmasked; if fewer than ``schedule[k]`` qualify, the ``schedule[k]`` most confident are
+  is unmasked (the mask token itself is excluded from the prediction); if fewer than ``schedule[k]`` qualify, the ``schedule[k]`` most confident are
   (``schedule`` splits the block over ``max_steps``; max_steps == block_length means "at least one");
 * a finished block is committed (streamed) at once; one more forward over it rewrites its KV from
   its final tokens before the next block starts; EOS / max_tokens are applied by the scheduler.
@@ -54,6 +54,7 @@ DEFAULT_BLOCK_LENGTH = 32
 DEFAULT_THRESHOLD = 0.95
 DEFAULT_MASK_TOKEN_ID = 156895
 THRESHOLD_ENV = "VLLM_LLADA2_THRESHOLD"
+_DEBUG = os.environ.get("VLLM_LLADA2_DEBUG") == "1"
 REQUEST_KEYS = ("block_length", "threshold", "max_steps")
 
 
@@ -167,6 +168,12 @@ class LLaDA2BlockDiffusionConfig:
                                  f"block length ({settings.block_length})")
         # The frontend validates per-request settings against the server block length.
         vllm_config.model_config.hf_config.canvas_length = settings.block_length
+        if vllm_config.diffusion_config is None:
+            # Sizes the scheduler's per-step draft (canvas) bookkeeping and its metrics.
+            from vllm.config.diffusion import DiffusionConfig
+
+            vllm_config.diffusion_config = DiffusionConfig(
+                canvas_length=settings.block_length, max_denoising_steps=settings.max_steps)
         logger.info("LLaDA2 block decode: block_length=%d threshold=%g max_steps=%d mask=%d",
                     settings.block_length, settings.threshold, settings.max_steps,
                     settings.mask_token_id)
@@ -222,11 +229,18 @@ class LLaDA2SchedulerHooks:
             return 0  # the token budget cannot hold the whole canvas block this step
         return n
 
-    def after_step(self, request) -> None:
-        """Only blocks with final KV count as computed (called before new tokens are appended)."""
+    def after_step(self, request, generated_token_ids, spec_decoding_stats):
+        """Only blocks with final KV count as computed (called before new tokens are appended).
+
+        Returns ``spec_decoding_stats`` with a finished block counted when this step committed one.
+        """
         b = self.settings(request).block_length
         final = min(request.num_computed_tokens // b * b, request.num_tokens // b * b)
         request.num_computed_tokens = final
+        if generated_token_ids and spec_decoding_stats is not None:
+            spec_decoding_stats.num_finished_blocks = (
+                getattr(spec_decoding_stats, "num_finished_blocks", 0) + 1)
+        return spec_decoding_stats
 
 
 def scheduler_hooks_for(vllm_config: "VllmConfig") -> LLaDA2SchedulerHooks | None:
@@ -243,6 +257,9 @@ def unmask_step(canvas: np.ndarray, logits: torch.Tensor, mask_token_id: int, th
     if not bool(masked.any()):
         return canvas
     logits = logits.float()
+    # The mask token is never a prediction: otherwise a position whose argmax is the mask id would
+    # stay masked forever (trained checkpoints give it ~0 probability anyway).
+    logits[:, mask_token_id] = float("-inf")
     x0 = logits.argmax(-1)
     p = torch.softmax(logits, dim=-1).gather(1, x0[:, None])[:, 0].cpu()
     x0 = x0.cpu()
@@ -323,12 +340,19 @@ class LLaDA2BlockDecoder:
             s = self.settings(runner, req_id)
             schedule = s.schedule()
             block_start, done = self._steps.get(req_id, (r.block_start, 0))
-            if block_start != r.block_start:
+            canvas = ib.token_ids_cpu[i, r.committed:r.committed + r.num_rows].copy()
+            if block_start != r.block_start or (canvas == s.mask_token_id).all():
+                # A new block (an all-mask canvas can only be a first step: every step unmasks
+                # at least one position), also after a preempted request restarts its block.
                 done = 0
             need = schedule[done] if done < len(schedule) else r.num_rows
-            canvas = ib.token_ids_cpu[i, r.committed:r.committed + r.num_rows].copy()
+            before = canvas
             canvas = unmask_step(canvas, logits[r.logits_row:r.logits_row + r.num_rows],
                                  s.mask_token_id, s.threshold, need)
+            if _DEBUG:
+                logger.info("llada2 %s c=%d N=%d rows=%d step=%d need=%d %s -> %s", req_id,
+                            r.block_start, r.committed, r.num_rows, done, need,
+                            before.tolist(), canvas.tolist())
             self.stats["denoising_steps"] += 1
             if (canvas == s.mask_token_id).any():
                 self._steps[req_id] = (r.block_start, done + 1)

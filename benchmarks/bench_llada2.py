@@ -1,0 +1,186 @@
+#!/usr/bin/env python3
+"""LLaDA2 block-decode throughput and tokens per forward at several concurrencies (in-process engine).
+
+    python benchmarks/bench_llada2.py --model build/tiny-llada2 --concurrency 1 2 4 8
+    python benchmarks/bench_llada2.py --mini-shaped --concurrency 1 2 4 8 16 32   # GPU
+
+``--mini-shaped`` builds a random checkpoint with LLaDA2.0-mini's shapes (20 layers, hidden 2048,
+256 experts top-8, vocab 157184; bf16) so the forward cost is real. Random weights never reach the
+0.95 threshold, so the benchmark fixes the step count instead: threshold 1.0 and ``--steps`` steps
+per block (block_length / steps tokens per denoising forward). Prints a table and saves JSON under
+benchmarks/results/<device>/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+
+MINI = dict(hidden_size=2048, intermediate_size=5120, num_hidden_layers=20, num_attention_heads=16,
+            num_key_value_heads=4, head_dim=128, num_experts=256, num_experts_per_tok=8,
+            n_group=8, topk_group=4, moe_intermediate_size=512, num_shared_experts=1,
+            first_k_dense_replace=1, routed_scaling_factor=2.5, partial_rotary_factor=0.5,
+            rope_theta=600000.0, rms_norm_eps=1e-6, max_position_embeddings=16384)
+
+
+def make_mini_shaped(out: Path) -> Path:
+    """Random LLaDA2.0-mini-shaped checkpoint (bf16, ~32 GB) written shard by shard."""
+    import torch
+    from safetensors.torch import save_file
+    if (out / "config.json").exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    vocab, h = 157184, MINI["hidden_size"]
+    g = torch.Generator().manual_seed(0)
+
+    def rnd(*shape, std=0.02):
+        return (torch.randn(*shape, generator=g) * std).to(torch.bfloat16)
+
+    shards = {"model-emb.safetensors": {"model.word_embeddings.weight": rnd(vocab, h),
+                                        "lm_head.weight": rnd(vocab, h),
+                                        "model.norm.weight": torch.ones(h, dtype=torch.bfloat16)}}
+    H, KV, D = MINI["num_attention_heads"], MINI["num_key_value_heads"], MINI["head_dim"]
+    for i in range(MINI["num_hidden_layers"]):
+        p, w = f"model.layers.{i}", {}
+        w[f"{p}.input_layernorm.weight"] = torch.ones(h, dtype=torch.bfloat16)
+        w[f"{p}.post_attention_layernorm.weight"] = torch.ones(h, dtype=torch.bfloat16)
+        w[f"{p}.attention.query_key_value.weight"] = rnd((H + 2 * KV) * D, h)
+        w[f"{p}.attention.query_layernorm.weight"] = torch.ones(D, dtype=torch.bfloat16)
+        w[f"{p}.attention.key_layernorm.weight"] = torch.ones(D, dtype=torch.bfloat16)
+        w[f"{p}.attention.dense.weight"] = rnd(h, H * D)
+        if i < MINI["first_k_dense_replace"]:
+            I = MINI["intermediate_size"]
+            for n, shp in (("gate_proj", (I, h)), ("up_proj", (I, h)), ("down_proj", (h, I))):
+                w[f"{p}.mlp.{n}.weight"] = rnd(*shp)
+        else:
+            E, I = MINI["num_experts"], MINI["moe_intermediate_size"]
+            w[f"{p}.mlp.gate.weight"] = rnd(E, h).float()
+            w[f"{p}.mlp.gate.expert_bias"] = torch.zeros(E)
+            for e in range(E):
+                for n, shp in (("gate_proj", (I, h)), ("up_proj", (I, h)), ("down_proj", (h, I))):
+                    w[f"{p}.mlp.experts.{e}.{n}.weight"] = rnd(*shp)
+            for n, shp in (("gate_proj", (I, h)), ("up_proj", (I, h)), ("down_proj", (h, I))):
+                w[f"{p}.mlp.shared_experts.{n}.weight"] = rnd(*shp)
+        shards[f"model-{i:02d}.safetensors"] = w
+    index = {"metadata": {}, "weight_map": {}}
+    for name, w in shards.items():
+        save_file(w, out / name, metadata={"format": "pt"})
+        index["weight_map"].update({k: name for k in w})
+    (out / "model.safetensors.index.json").write_text(json.dumps(index))
+    cfg = {"architectures": ["LLaDA2MoeModelLM"], "model_type": "llada2_moe", "vocab_size": vocab,
+           "hidden_act": "silu", "use_qkv_bias": False, "use_bias": False, "use_qk_norm": True,
+           "tie_word_embeddings": False, "score_function": "sigmoid", "router_dtype": "fp32",
+           "moe_router_enable_expert_bias": True, "mask_token_id": 156895,
+           "eos_token_id": 156892, "pad_token_id": 156892, "dtype": "bfloat16", **MINI}
+    (out / "config.json").write_text(json.dumps(cfg, indent=2))
+    return out
+
+
+def device_name() -> tuple[str, str]:
+    import torch
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        return name, "h100" if "H100" in name else name.lower().replace(" ", "-")
+    cpu = platform.processor() or platform.machine()
+    return f"cpu ({cpu}, {os.cpu_count()} cores)", "cpu-" + (platform.machine() or "x86")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", type=Path)
+    ap.add_argument("--mini-shaped", action="store_true")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8])
+    ap.add_argument("--block-length", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=8, help="denoising steps per block (fixed)")
+    ap.add_argument("--prompt-len", type=int, default=100)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--dtype", default=None)
+    ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--out", type=Path)
+    a = ap.parse_args()
+    if a.mini_shaped:
+        model = make_mini_shaped(a.model or REPO / "build" / "llada2-mini-shaped")
+    else:
+        import tiny_llada2
+        model = a.model or tiny_llada2.make(REPO / "build" / "tiny-llada2")
+
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    dev_name, dev_dir = device_name()
+    kw = dict(model=str(model), max_model_len=a.prompt_len + a.max_tokens + 2 * a.block_length,
+              seed=0, max_num_seqs=max(a.concurrency),
+              diffusion_config={"canvas_length": a.block_length, "max_denoising_steps": a.steps},
+              enforce_eager=a.enforce_eager or "cpu" in dev_dir, disable_log_stats=False)
+    if a.dtype:
+        kw["dtype"] = a.dtype
+    os.environ["VLLM_LLADA2_THRESHOLD"] = "1.0"  # fixed step count: never early-commit
+    t0 = time.time()
+    llm = LLM(**kw)
+    startup = time.time() - t0
+    vocab = 1000
+    rows = []
+    llm.generate([TokensPrompt(prompt_token_ids=list(range(5, 5 + a.prompt_len)))],
+                 SamplingParams(max_tokens=a.block_length, temperature=0, ignore_eos=True))
+    def counters() -> dict[str, float]:
+        # The block decoder's own counters, read from the worker (the offline LLM records
+        # Prometheus stats only on steps that emit output, so /metrics-style counters undercount
+        # denoising steps there; `vllm serve` exposes them correctly on /metrics).
+        def read(worker):
+            dec = worker.model_runner.__dict__.get("_llada2_decoder")
+            return dict(dec.stats) if dec else {}
+        return llm.collective_rpc(read)[0]
+
+    for c in a.concurrency:
+        before = counters()
+        prompts = [TokensPrompt(prompt_token_ids=[(7 * i + 13 * j) % vocab + 5
+                                                  for j in range(a.prompt_len)]) for i in range(c)]
+        sp = SamplingParams(max_tokens=a.max_tokens, temperature=0, ignore_eos=True)
+        t = time.time()
+        outs = llm.generate(prompts, sp, use_tqdm=False)
+        dt = time.time() - t
+        gen = sum(len(o.outputs[0].token_ids) for o in outs)
+        after = counters()
+        d = {k: after[k] - before[k] for k in after}
+        rows.append({"concurrency": c, "seconds": round(dt, 3), "generated_tokens": gen,
+                     "tokens_per_s": round(gen / dt, 2),
+                     # measured from the engine's /metrics counters (denoising forwards only;
+                     # each finished block costs one more forward to refresh its KV)
+                     "tokens_per_denoising_forward": round(
+                         d["committed"] / max(d["denoising_steps"], 1), 3),
+                     "tokens_per_forward_incl_refresh": round(
+                         d["committed"] / max(d["denoising_steps"] + d["blocks"], 1), 3),
+                     "denoising_steps_per_block": round(
+                         d["denoising_steps"] / max(d["blocks"], 1), 3),
+                     "batched_forwards": d["forwards"],
+                     "counters": d})
+    base = rows[0]["tokens_per_s"]
+    print(f"LLaDA2 block decode on {dev_name}: block {a.block_length}, {a.steps} steps/block, "
+          f"prompt {a.prompt_len}, {a.max_tokens} new tokens (startup {startup:.0f}s)")
+    print(f"{'conc':>5} {'tok/s':>9} {'scale':>6} {'tok/fwd':>8} {'steps/blk':>9} {'seconds':>8}")
+    for r in rows:
+        r["scaling_vs_1"] = round(r["tokens_per_s"] / base, 2)
+        print(f"{r['concurrency']:>5} {r['tokens_per_s']:>9.1f} {r['scaling_vs_1']:>6.2f} "
+              f"{r['tokens_per_denoising_forward']:>8.2f} {r['denoising_steps_per_block']:>9.2f} "
+              f"{r['seconds']:>8.2f}")
+    out = a.out or REPO / "benchmarks" / "results" / dev_dir / (
+        f"llada2_{'mini' if a.mini_shaped else 'tiny'}_b{a.block_length}_s{a.steps}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"device": dev_name, "model": str(model), "args": vars(a) | {
+        "model": str(a.model), "out": str(a.out)}, "startup_s": startup, "rows": rows}, indent=2))
+    print("saved", out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
