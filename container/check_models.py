@@ -2,7 +2,8 @@
 
     python check_models.py TARGET_DIR [--drafter DRAFTER_DIR] [--num-speculative-tokens N]
 
-* TARGET_DIR must hold a config.json.
+* TARGET_DIR must hold a config.json, and every file in the model folders must be readable by this
+  user (the image runs as uid 10001: make the files world-readable, or run with --user).
 * A drafter (DFlash profiles) must be a DFlash drafter that fits the target: architectures contains
   ``DFlashDraftModel``; the same vocab size; ``target_hidden_size`` (else ``hidden_size``) equal to the
   target's hidden size; every ``dflash_config.target_layer_ids`` entry a layer of the target;
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -37,6 +39,30 @@ def load_config(folder: Path, role: str) -> dict:
         return json.loads(cfg.read_text())
     except json.JSONDecodeError as e:
         raise ModelCheckError(f"{role} {cfg} is not valid JSON: {e}") from None
+
+
+def unreadable_files(folder: Path) -> list[str]:
+    """Files (and sub-folders) under ``folder`` this process cannot read."""
+    bad = []
+    if not os.access(folder, os.R_OK | os.X_OK):
+        return [str(folder)]
+    for root, dirs, files in os.walk(folder):
+        for name in files:
+            if not os.access(os.path.join(root, name), os.R_OK):
+                bad.append(os.path.join(root, name))
+        for name in list(dirs):
+            if not os.access(os.path.join(root, name), os.R_OK | os.X_OK):
+                bad.append(os.path.join(root, name))
+                dirs.remove(name)
+    return bad
+
+
+def check_readable(folder: Path, role: str) -> None:
+    bad = unreadable_files(folder)
+    if bad:
+        shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise ModelCheckError(f"{role} files not readable as uid {os.getuid()}: {shown} "
+                              f"(make them world-readable, e.g. chmod -R a+rX, or docker run --user)")
 
 
 def text_config(cfg: dict) -> dict:
@@ -96,10 +122,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         target_cfg = load_config(a.target, "target model")
         target_shape(target_cfg)
+        check_readable(a.target, "target model")
         problems = []
         if a.drafter is not None:
             drafter_cfg = load_config(a.drafter, "drafter")
             problems = check_drafter(target_cfg, drafter_cfg, a.drafter, a.num_speculative_tokens)
+            if not problems:
+                check_readable(a.drafter, "drafter")
     except ModelCheckError as e:
         problems = [str(e)]
     for p in problems:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Make a local Debian base image for the cpu flavour when no image registry is reachable:
-# debootstrap (minbase + python3, python3-venv, ca-certificates) piped into `docker import`.
+# debootstrap (minbase + python3, python3-venv, python3-dev, ca-certificates, libnuma1, g++) piped into
+# `docker import` (the packages the Dockerfile's cpu stage would otherwise install with apt).
 #
 #   scripts/make_debian_base.sh [TAG]        (default: ddtree-vllm-base:bookworm)
 #
@@ -27,7 +28,7 @@ fi
 root=$(mktemp -d)
 trap 'rm -rf "$root"' EXIT
 start=$(date +%s)
-debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates "$suite" "$root" "$mirror" \
+debootstrap --variant=minbase --include=python3,python3-venv,python3-dev,ca-certificates,libnuma1,g++ "$suite" "$root" "$mirror" \
   > "${BASE_LOG:-/dev/null}" 2>&1 || { echo "make_debian_base: debootstrap failed (log: ${BASE_LOG:-set BASE_LOG})" >&2; exit 1; }
 rm -rf "$root"/var/cache/apt/archives/*.deb "$root"/var/lib/apt/lists/*
 tar -C "$root" -c . | docker import - "$tag" >/dev/null

@@ -8,6 +8,7 @@ it has buildx, else Debian's `/usr/bin/docker` (docker.io), or $DOCKER.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -17,7 +18,9 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-BASE_TAG = "ddtree-vllm-base:bookworm"
+# Named by the script's content, so a changed package list makes a new base.
+BASE_TAG = "ddtree-vllm-base:bookworm-" + hashlib.sha256(
+    (REPO / "scripts" / "make_debian_base.sh").read_bytes()).hexdigest()[:12]
 CPU_IMAGE = "ddtree-vllm:test-cpu"
 
 

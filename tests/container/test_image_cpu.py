@@ -69,7 +69,8 @@ def test_missing_target_exits_nonzero(docker_engine, cpu_image):
     assert "target model folder /models/target does not exist" in r.stderr
 
 
-def test_mismatched_drafter_exits_nonzero(docker_engine, cpu_image, tiny_models, log_dir):
+def test_mismatched_drafter_exits_nonzero(docker_engine, cpu_image, served_models, log_dir):
+    tiny_models = served_models
     bad = log_dir / "bad-drafter"
     shutil.rmtree(bad, ignore_errors=True)
     shutil.copytree(tiny_models / "drafter", bad)
@@ -85,6 +86,19 @@ def test_mismatched_drafter_exits_nonzero(docker_engine, cpu_image, tiny_models,
     assert "target_hidden_size 256 != target hidden_size 128" in r.stderr
     assert "[7] not in 0..3" in r.stderr
     assert "does not match target" in r.stderr
+
+
+def test_unreadable_weights_exit_nonzero(docker_engine, cpu_image, tiny_models, log_dir):
+    """The image runs as uid 10001: weights it cannot read are named before vLLM starts."""
+    locked = log_dir / "locked-target"
+    shutil.rmtree(locked, ignore_errors=True)
+    shutil.copytree(tiny_models / "target", locked)
+    locked.chmod(0o755)
+    (locked / "model.safetensors").chmod(0o600)
+    r = docker_engine.run("run", "--rm", "-e", "PROFILE=baseline", "-v", f"{locked}:/models/target:ro",
+                          cpu_image["image"], timeout=120)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "target model files not readable as uid 10001: /models/target/model.safetensors" in r.stderr
 
 
 def test_dry_run_prints_the_command(docker_engine, cpu_image):
@@ -104,8 +118,9 @@ def test_dry_run_prints_the_command(docker_engine, cpu_image):
 class Served:
     """One `docker run -d` of the image with the tiny models at /models."""
 
-    def __init__(self, engine, image, tiny_models, profile, env=None):
+    def __init__(self, engine, image, tiny_models, profile, log_dir, env=None):
         self.engine = engine
+        self.log_path = log_dir / f"container-{profile}.log"
         self.name = f"ddtree-test-{profile}-{uuid.uuid4().hex[:8]}"
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
@@ -127,11 +142,14 @@ class Served:
         while time.monotonic() - start < timeout:
             st = self.state()
             if not st["Running"]:
-                raise RuntimeError(f"{self.name} exited ({st['ExitCode']}):\n{self.logs()[-4000:]}")
+                self.log_path.write_text(self.logs())
+                raise RuntimeError(f"{self.name} exited ({st['ExitCode']}), log {self.log_path}:\n"
+                                   f"{self.logs()[-3000:]}")
             if (st.get("Health") or {}).get("Status") == "healthy":
                 return time.monotonic() - start
             time.sleep(2)
-        raise TimeoutError(f"{self.name} not healthy after {timeout}s:\n{self.logs()[-4000:]}")
+        self.log_path.write_text(self.logs())
+        raise TimeoutError(f"{self.name} not healthy after {timeout}s, log {self.log_path}")
 
     def logs(self) -> str:
         r = self.engine.run("logs", self.name)
@@ -182,18 +200,26 @@ def _complete_all(base_url, prompts, logprobs):
 
 def _serve(engine, image, tiny_models, profile, prompts, log_dir, logprobs=None, env=None):
     """Run one container through its whole life; returns what the test asserts on."""
-    srv = Served(engine, image, tiny_models, profile, env)
+    srv = Served(engine, image, tiny_models, profile, log_dir, env)
     try:
         healthy_s = srv.wait_healthy()
         uid = srv.pid1_uid()
         outs = _complete_all(srv.base_url, prompts, logprobs)
         stats = spec_decode_stats(srv.metrics())
         stop = srv.stop()
-        (log_dir / f"container-{profile}.log").write_text(stop.pop("logs"))
+        srv.log_path.write_text(stop.pop("logs"))
         return {"profile": profile, "healthy_s": round(healthy_s, 1), "uid": uid, "outs": outs,
                 "spec": stats, "stop": stop}
     finally:
         srv.remove()
+
+
+@pytest.fixture(scope="module")
+def served_models(tiny_models):
+    """The tiny models, readable by the image's uid 10001 (safetensors writes its files 0600)."""
+    for p in [tiny_models, *tiny_models.rglob("*")]:
+        p.chmod(p.stat().st_mode | (0o555 if p.is_dir() else 0o444))
+    return tiny_models
 
 
 @pytest.fixture(scope="module")
@@ -202,8 +228,8 @@ def prompts(tiny_models):
 
 
 @pytest.fixture(scope="module")
-def baseline(docker_engine, cpu_image, tiny_models, prompts, log_dir):
-    return _serve(docker_engine, cpu_image["image"], tiny_models, "baseline", prompts, log_dir,
+def baseline(docker_engine, cpu_image, served_models, prompts, log_dir):
+    return _serve(docker_engine, cpu_image["image"], served_models, "baseline", prompts, log_dir,
                   logprobs=2, env={"EXTRA_ARGS": "--logprobs-mode raw_logits --max-logprobs 4"})
 
 
@@ -222,9 +248,9 @@ def test_baseline_serves(baseline):
 
 
 @pytest.mark.parametrize("profile", ["dflash", "ddtree"])
-def test_spec_profile_equals_baseline(profile, docker_engine, cpu_image, tiny_models, prompts, baseline,
+def test_spec_profile_equals_baseline(profile, docker_engine, cpu_image, served_models, prompts, baseline,
                                       log_dir):
-    run = _serve(docker_engine, cpu_image["image"], tiny_models, profile, prompts, log_dir)
+    run = _serve(docker_engine, cpu_image["image"], served_models, profile, prompts, log_dir)
     _check_life(run)
     verdicts = [compare_greedy(ref, top2, out) for (ref, top2), (out, _) in zip(baseline["outs"], run["outs"])]
     report = {"profile": profile, "healthy_s": run["healthy_s"], "baseline_healthy_s": baseline["healthy_s"],
