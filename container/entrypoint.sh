@@ -110,14 +110,16 @@ if [[ "$SPEC_METHOD" != none ]]; then
   args+=(--speculative-config "$spec}")
 fi
 if [[ "$PROFILE" == llada2 || "${SERVE_PROFILE:-}" == llada2 ]]; then
+  # The LLaDA2 overlay's server-wide settings (docs/llada2.md): block length and steps per block
+  # through --diffusion-config, the confidence threshold through VLLM_LLADA2_THRESHOLD.
   llada=()
-  [[ -z "$LLADA2_BLOCK_LENGTH" ]] || llada+=("\"block_length\": $LLADA2_BLOCK_LENGTH")
-  [[ -z "$LLADA2_THRESHOLD" ]] || llada+=("\"threshold\": $LLADA2_THRESHOLD")
-  [[ -z "$LLADA2_MAX_STEPS" ]] || llada+=("\"max_steps\": $LLADA2_MAX_STEPS")
+  [[ -z "$LLADA2_BLOCK_LENGTH" ]] || llada+=("\"canvas_length\": $LLADA2_BLOCK_LENGTH")
+  [[ -z "$LLADA2_MAX_STEPS" ]] || llada+=("\"max_denoising_steps\": $LLADA2_MAX_STEPS")
   if (( ${#llada[@]} )); then
     joined=$(IFS=,; echo "${llada[*]}")
-    args+=(--additional-config "{\"llada2\": {${joined//,/, }}}")
+    args+=(--diffusion-config "{${joined//,/, }}")
   fi
+  [[ -z "$LLADA2_THRESHOLD" ]] || export VLLM_LLADA2_THRESHOLD="$LLADA2_THRESHOLD"
 fi
 read -r -a extra <<< "$EXTRA_ARGS"
 args+=("${extra[@]}" "$@")
@@ -154,6 +156,12 @@ if is_true "$CHECK_MODELS"; then
   "${check[@]}" || exit 2
 fi
 
+# The engine core runs in its own process: a multiprocess Prometheus dir brings its metrics
+# (vllm:ddtree_*) to the API server's /metrics.
+if [[ -z "${PROMETHEUS_MULTIPROC_DIR:-}" ]]; then
+  PROMETHEUS_MULTIPROC_DIR=$(mktemp -d /tmp/vllm-prometheus.XXXXXX)
+  export PROMETHEUS_MULTIPROC_DIR
+fi
 echo "ddtree-vllm: PROFILE=$PROFILE flavour=$DDTREE_FLAVOUR: $(printf '%q ' "${serve_cmd[@]}")" >&2
 if (( ${#bench_cmd[@]} == 0 )); then
   exec "${serve_cmd[@]}"

@@ -12,12 +12,13 @@ from vllm.config import SpeculativeConfig  # noqa: E402
 from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs  # noqa: E402
 from vllm.utils.argparse_utils import FlexibleArgumentParser  # noqa: E402
 
-BASE = ["--language-model-only", "--enforce-eager", "--max-model-len", "2048"]
+BASE = ["--language-model-only", "--enforce-eager", "--max-model-len", "2048", "--max-num-seqs", "8"]
 
 
 def _engine_config(tiny_models, spec: dict):
     args = EngineArgs(model=str(tiny_models / "target"), language_model_only=True,
-                      enforce_eager=True, max_model_len=2048, speculative_config=spec)
+                      enforce_eager=True, max_model_len=2048, max_num_seqs=8,
+                      speculative_config=spec)
     return args.create_engine_config()
 
 
@@ -33,8 +34,10 @@ def test_python_api(tiny_models):
                                       "ddtree_chain_seed": False}).speculative_config
     assert sc.use_ddtree() and sc.use_dflash()
     assert (sc.ddtree_budget, sc.ddtree_top_k, sc.ddtree_chain_seed) == (24, 4, False)
-    # depth L defaults to the drafter's block_size - 1 (block 16); chain form runs min(L, budget)
-    assert sc.num_speculative_tokens == 15
+    # the drafter depth defaults to its block_size - 1 (block 16); on CPU the tree path runs, so the
+    # scheduler gets one speculative slot per tree node
+    assert sc.use_ddtree_tree() and sc.ddtree_fallback is None
+    assert sc.ddtree_max_depth == 15 and sc.num_speculative_tokens == 24
     assert "dflash_ddtree" in repr(sc) and "budget=24" in repr(sc)
 
 
@@ -42,12 +45,23 @@ def test_defaults(tiny_models):
     sc = _engine_config(tiny_models, {"method": "dflash_ddtree",
                                       "model": str(tiny_models / "drafter")}).speculative_config
     assert (sc.ddtree_budget, sc.ddtree_top_k, sc.ddtree_chain_seed) == (32, 8, True)
+    assert sc.num_speculative_tokens == 32 and sc.ddtree_max_depth == 15
 
 
-def test_chain_form_small_budget_limits_the_chain(tiny_models):
+def test_small_budget_limits_the_depth(tiny_models):
     sc = _engine_config(tiny_models, {"method": "dflash_ddtree", "model": str(tiny_models / "drafter"),
                                       "ddtree_budget": 6}).speculative_config
-    assert sc.num_speculative_tokens == 6
+    assert sc.ddtree_max_depth == 6 and sc.num_speculative_tokens == 6
+
+
+def test_chain_fallback_runs_min_depth_budget(tiny_models, monkeypatch):
+    monkeypatch.setenv("DDTREE_FORCE_CHAIN", "1")
+    sc = _engine_config(tiny_models, {"method": "dflash_ddtree", "model": str(tiny_models / "drafter"),
+                                      "ddtree_budget": 40}).speculative_config
+    assert sc.use_ddtree() and not sc.use_ddtree_tree()
+    assert sc.ddtree_fallback == "DDTREE_FORCE_CHAIN=1"
+    # flat DFlash over the top-1 chain: min(L, budget) tokens per step
+    assert sc.num_speculative_tokens == 15
 
 
 def test_cli_json(tiny_models):

@@ -149,8 +149,9 @@ def test_profiles_parse_with_vllm_parser(flavour, knobs, vllm_cli, log_dir, tiny
                 else:
                     assert spec is None
                 if profile == "llada2" and knobs == "all-knobs":
-                    assert engine_args.additional_config["llada2"] == {
-                        "block_length": 32, "threshold": 0.95, "max_steps": 32}
+                    diffusion = engine_args.diffusion_config
+                    diffusion = diffusion if isinstance(diffusion, dict) else vars(diffusion)
+                    assert (diffusion["canvas_length"], diffusion["max_denoising_steps"]) == (32, 32)
                 assert engine_args.language_model_only == (flavour == "cpu" and profile != "llada2")
                 assert engine_args.enforce_eager == (flavour == "cpu")
                 if knobs == "all-knobs":

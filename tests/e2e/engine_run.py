@@ -19,7 +19,7 @@ def main() -> None:
     llm = LLM(model=cfg["model"], enforce_eager=True, max_model_len=cfg.get("max_model_len", 2048), language_model_only=True,
               enable_prefix_caching=False, seed=0, max_num_seqs=8, speculative_config=cfg.get("spec"),
               num_gpu_blocks_override=cfg.get("blocks"), disable_log_stats=False,
-              logprobs_mode="raw_logits", max_logprobs=4)
+              logprobs_mode="processed_logits", max_logprobs=4)
     per_request = cfg.get("params") or [{}] * len(cfg["prompts"])
     params = [SamplingParams(**{"max_tokens": cfg["max_tokens"], "temperature": 0.0, "ignore_eos": True,
                                 "logprobs": 2 if cfg.get("logprobs") else None, **extra})
