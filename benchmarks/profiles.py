@@ -69,6 +69,11 @@ PROFILES: dict[str, Profile] = {p.name: p for p in [
             modes=(nospec(), dflash()), concurrency=(1, 4), categories=("code", "prose"),
             output_len=32, prompt_chars=400, requests_per_slot=2, min_requests=4, warmups=1,
             server="cpu", max_num_seqs=8),
+    Profile("cpu-ddtree", "CPU: the tree verify path (CPU backend) at budget 8/16/32, top_k 4, beside "
+            "flat DFlash; concurrency 1, code",
+            modes=(dflash(), ddtree(8, 4), ddtree(16, 4), ddtree(32, 4)), concurrency=(1,),
+            categories=("code",), output_len=32, prompt_chars=400, requests_per_slot=4,
+            min_requests=4, warmups=1, server="cpu", max_num_seqs=4),
     Profile("gpu-check", "GPU: a short check of the pipeline (no speculation + flat DFlash, c=1/4)",
             modes=(nospec(), dflash()), concurrency=(1, 4), categories=("code",), output_len=64,
             requests_per_slot=2, min_requests=4, warmups=1),
