@@ -71,6 +71,13 @@ TARGET_DIMS = dict(
 DRAFT_TARGET_LAYER_IDS = [1, 4, 6]
 DRAFTER_LAYERS = 2
 
+#: The CPU preset (``--preset cpu``): what 2 CPU cores can train in about half an hour; same
+#: tokenizer and layout as the GPU pair, smaller dims, attention shape shared with its drafter.
+CPU_DIMS = dict(TARGET_DIMS, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                layer_types=["linear_attention"] * 3 + ["full_attention"], num_attention_heads=2,
+                num_key_value_heads=1, linear_num_key_heads=1, linear_num_value_heads=2)
+CPU_LAYER_IDS = [1, 3]
+
 SMOKE_DIMS = dict(TARGET_DIMS, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                   layer_types=["linear_attention"] * 3 + ["full_attention"], head_dim=32,
                   linear_key_head_dim=32, linear_value_head_dim=32)
@@ -201,7 +208,7 @@ def train_target(model, stream, args, device, log):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         steps_done = step + 1
-        if step % 50 == 0 or step == args.target_steps - 1:
+        if step % 25 == 0 or step == args.target_steps - 1:
             lv = loss.item()
             loss_ema = lv if loss_ema is None else loss_ema
             log(f"target step {step:5d} loss {lv:.3f} lr {opt.param_groups[0]['lr']:.2e} "
@@ -510,7 +517,7 @@ def train_drafter(target, drafter, cache: TargetCache, lo, args, mask_id, device
         torch.nn.utils.clip_grad_norm_(drafter.parameters(), 1.0)
         opt.step()
         steps_done = step + 1
-        if step % 200 == 0 or step == args.drafter_steps - 1:
+        if step % 25 == 0 or step == args.drafter_steps - 1:
             with torch.no_grad():
                 acc = (d_logits.argmax(-1) == greedy).float().mean(dim=(0, 1))
             log(f"drafter step {step:5d} loss {loss.item():.3f} top1@k1 {acc[0]:.2f} "
@@ -672,6 +679,13 @@ def parse_args(argv=None):
                     help="root of the Python standard library used as the corpus")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--smoke", action="store_true", help="tiny dims and a few steps (CPU test)")
+    ap.add_argument("--preset", choices=["gpu", "cpu"], default="gpu",
+                    help="gpu: the full pair (minutes on an H100); cpu: smaller dims and step counts "
+                         "that 2 CPU cores train in about half an hour")
+    ap.add_argument("--n-eval", type=int, default=128, help="held-out greedy continuations for the "
+                    "offline acceptance estimate")
+    ap.add_argument("--eval-windows", type=int, default=400, help="held-out perplexity windows")
+    ap.add_argument("--drafter-layers", type=int, default=DRAFTER_LAYERS)
     ap.add_argument("--device", default=None)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--batch", type=int, default=64)
@@ -695,11 +709,26 @@ def parse_args(argv=None):
     ap.add_argument("--max-files", type=int, default=None, help="use only the first N corpus files")
     ap.add_argument("--report", type=Path, default=None, help="also write the report JSON here")
     args = ap.parse_args(argv)
+    if args.preset == "cpu" and not args.smoke:
+        given = set(a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]))
+        cpu_defaults = {"--seq-len": ("seq_len", 128), "--batch": ("batch", 16),
+                        "--target-steps": ("target_steps", 100000), "--target-lr": ("target_lr", 3e-3),
+                        "--target-max-s": ("target_max_s", 900), "--warmup": ("warmup", 20),
+                        "--gen-prompts": ("gen_prompts", 256), "--gen-prompt-lens": ("gen_prompt_lens", "24,64"),
+                        "--gen-batch": ("gen_batch", 128), "--drafter-steps": ("drafter_steps", 100000),
+                        "--drafter-batch": ("drafter_batch", 8), "--blocks-per-seq": ("blocks_per_seq", 12),
+                        "--drafter-lr": ("drafter_lr", 2e-3), "--drafter-max-s": ("drafter_max_s", 420),
+                        "--n-eval": ("n_eval", 24), "--eval-windows": ("eval_windows", 96),
+                        "--drafter-layers": ("drafter_layers", 1)}
+        for flag, (attr, value) in cpu_defaults.items():
+            if flag not in given:
+                setattr(args, attr, value)
     if args.smoke:
         args.seq_len, args.batch, args.target_steps, args.warmup = 32, 4, 3, 2
         args.gen_prompts, args.gen_prompt_lens, args.gen_batch = 4, "8,12", 2
         args.drafter_steps, args.drafter_batch, args.blocks_per_seq = 4, 2, 3
         args.max_files = args.max_files or 40
+        args.n_eval, args.eval_windows, args.drafter_layers = 4, 8, 1
     return args
 
 
@@ -740,8 +769,12 @@ def main(argv=None) -> int:
     gdn_impl = select_gdn(args.gdn, device, log)
     from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5ForCausalLM
 
-    dims = SMOKE_DIMS if args.smoke else TARGET_DIMS
-    layer_ids = SMOKE_LAYER_IDS if args.smoke else DRAFT_TARGET_LAYER_IDS
+    if args.smoke:
+        dims, layer_ids = SMOKE_DIMS, SMOKE_LAYER_IDS
+    elif args.preset == "cpu":
+        dims, layer_ids = CPU_DIMS, CPU_LAYER_IDS
+    else:
+        dims, layer_ids = TARGET_DIMS, DRAFT_TARGET_LAYER_IDS
     tcfg = target_text_config(dims, vocab, eos_id)
     tcfg._attn_implementation = "sdpa"
     target = Qwen3_5ForCausalLM(tcfg).to(device)
@@ -751,8 +784,7 @@ def main(argv=None) -> int:
     target.eval()
     for p in target.parameters():
         p.requires_grad_(False)
-    max_windows = 8 if args.smoke else 400
-    nll = heldout_nll(target, held_stream, args.seq_len, device, max_windows, 16)
+    nll = heldout_nll(target, held_stream, args.seq_len, device, args.eval_windows, 16)
     uni = unigram_nll(train_stream.numpy(), held_stream.numpy(), vocab)
     log(f"held-out perplexity {math.exp(nll):.2f} (unigram {math.exp(uni):.1f})")
 
@@ -762,7 +794,7 @@ def main(argv=None) -> int:
     prompt_lens = [int(x) for x in args.gen_prompt_lens.split(",")]
     data, data_lo = make_greedy_data(target, train_stream, args.gen_prompts, args.seq_len,
                                      prompt_lens, args.gen_batch, device, gen)
-    n_eval = 4 if args.smoke else 128
+    n_eval = args.n_eval
     eval_data, eval_lo = make_greedy_data(target, held_stream, n_eval, args.seq_len, prompt_lens,
                                           max(1, n_eval // len(prompt_lens)), device, gen)
     gen_s = time.monotonic() - t_gen
@@ -774,7 +806,7 @@ def main(argv=None) -> int:
 
     # 5: drafter
     DFlashModel = build_drafter_class()
-    dcfg = drafter_cfg(tcfg, DRAFTER_LAYERS if not args.smoke else 1, len(layer_ids))
+    dcfg = drafter_cfg(tcfg, args.drafter_layers, len(layer_ids))
     torch.manual_seed(args.seed + 1)
     drafter = DFlashModel(dcfg).to(device)
     n_drafter = sum(p.numel() for p in drafter.parameters())
@@ -816,6 +848,9 @@ def main(argv=None) -> int:
         "bytes": sizes,
         "seed": args.seed,
         "smoke": args.smoke,
+        "preset": args.preset,
+        "command": "python scripts/train_tiny_pair.py " + " ".join(
+            a for a in (argv if argv is not None else sys.argv[1:])),
         "total_seconds": round(time.monotonic() - t_start, 1),
     }
     (work / "train_report.json").write_text(json.dumps(report, indent=2) + "\n")
