@@ -117,7 +117,8 @@ def main() -> int:
     ap.add_argument("--models", type=Path, default=DEFAULT_MODELS)
     ap.add_argument("--prompts", type=int, default=20)
     ap.add_argument("--max-tokens", type=int, default=128)
-    ap.add_argument("--device-dir", default="cpu")
+    ap.add_argument("--device-dir", default="cpu-amd-epyc",
+                    help="folder under benchmarks/results (cpu-<model>)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
