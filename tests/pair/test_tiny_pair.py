@@ -64,6 +64,24 @@ def test_vllm_flat_dflash_equals_target_and_accepts():
     # a broken drafter accepts ~nothing (acceptance length ~1); the trained one accepts several
     assert stats["acceptance_length"] > 1.5, stats
 
+    # DDTree tree verify (CPU backend) with the same trained drafter: equal to the target alone,
+    # and accepting along real trees (committed KV rows and GDN state on drafter-made paths)
+    from servertools import CPU_TINY_FLAGS, VllmServer, spec_decode_stats, speculative_args
+
+    spec = {"method": "dflash_ddtree", "model": str(PAIR / "drafter"), "ddtree_budget": 16,
+            "ddtree_top_k": 4}
+    with VllmServer(PAIR / "target", CPU_TINY_FLAGS + speculative_args(spec),
+                    log_dir / "pair-ddtree.log") as srv:
+        tree_outs = mtp.complete_all(srv, prompts, 48, logprobs=None)
+        tree_stats = spec_decode_stats(srv.metrics())
+        assert "DDTree tree verify active" in srv.log_text()
+    verdicts = [compare_greedy(r, top2, o) for (r, top2), (o, _) in zip(ref, tree_outs)]
+    bad = [f"prompt {i}: {v.detail}" for i, v in enumerate(verdicts) if not v.ok]
+    assert not bad, "\n".join(bad)
+    assert tree_stats["acceptance_length"] > 1.5, tree_stats
+    (log_dir / "pair-acceptance.json").write_text(json.dumps(
+        {"dflash": stats, "ddtree_b16_k4": tree_stats}, indent=2))
+
 
 @pytest.mark.slow
 def test_training_forward_matches_vllm_drafter():
