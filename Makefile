@@ -40,7 +40,7 @@ check-overlays:
 tiny-models: venv
 	$(PY) scripts/tiny_models.py --out build/tiny-models
 
-demo: overlays tiny-models
+demo: overlays
 	$(PY) scripts/demo.py
 
 test: overlays vllm-tree tiny-models
