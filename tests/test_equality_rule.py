@@ -16,7 +16,16 @@ def test_tie_divergence_is_allowed_only_to_the_runner_up():
     ref = [1, 2, 3]
     top2 = _top2([(1, 5.0, 9, 1.0), (2, 5.0, 7, 5.0 - bf16_ulp(5.0)), (3, 5, 9, 1)])
     assert compare_greedy(ref, top2, [1, 7, 4]).ok          # runner-up, margin one ulp
-    assert not compare_greedy(ref, top2, [1, 8, 4]).ok      # not the runner-up
+    assert not compare_greedy(ref, top2, [1, 8, 4]).ok      # not among the reference's candidates
+
+
+def test_three_way_tie_with_three_candidates():
+    ref = [1, 2]
+    top3 = [[(1, 5.0), (9, 1.0), (8, 0.5)],
+            [(2, 5.0), (7, 5.0 - bf16_ulp(5.0)), (6, 5.0 - bf16_ulp(5.0))]]
+    assert compare_greedy(ref, top3, [1, 6]).ok
+    top3[1][2] = (6, 4.5)                                   # third candidate clearly below
+    assert not compare_greedy(ref, top3, [1, 6]).ok
 
 
 def test_clear_margin_divergence_fails():

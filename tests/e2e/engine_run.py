@@ -22,7 +22,7 @@ def main() -> None:
               logprobs_mode="processed_logits", max_logprobs=4)
     per_request = cfg.get("params") or [{}] * len(cfg["prompts"])
     params = [SamplingParams(**{"max_tokens": cfg["max_tokens"], "temperature": 0.0, "ignore_eos": True,
-                                "logprobs": 2 if cfg.get("logprobs") else None, **extra})
+                                "logprobs": 4 if cfg.get("logprobs") else None, **extra})
               for extra in per_request]
     outs = llm.generate([{"prompt_token_ids": p} for p in cfg["prompts"]], params)
     result = []

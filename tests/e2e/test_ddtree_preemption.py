@@ -46,7 +46,9 @@ def test_ddtree_greedy_survives_preemption(tiny_models, log_dir):
                                   for p, o in zip(prompts, ref["outputs"])]))
     spec = {"method": "dflash_ddtree", "model": str(tiny_models / "drafter"), "ddtree_budget": 8,
             "ddtree_top_k": 4}
-    tree = run_engine(dict(base, spec=spec), env={
+    # spec decode reserves lookahead slots, so the DDTree engine gets a smaller cache to be sure
+    # that it runs out too
+    tree = run_engine(dict(base, spec=spec, blocks=BLOCKS - 8), env={
         "DDTREE_TEST_DRAFT_HOOK": "tests.support.oracle_drafter:draft_logits",
         "DDTREE_ORACLE_MODE": "mixed", "DDTREE_ORACLE_FILE": str(oracle)})
     report = {"metrics_ref": ref["metrics"], "metrics_tree": tree["metrics"]}
@@ -62,8 +64,8 @@ def test_ddtree_greedy_survives_preemption(tiny_models, log_dir):
 def test_penalties_min_tokens_and_logprobs(tiny_models, log_dir):
     prompts = token_prompts(tiny_models / "tokenizer", [30, 45, 60, 75])
     # logprobs (processed logits: after the penalty) on every request, for the tie rule
-    params = [{"logprobs": 2}, {"repetition_penalty": 1.5, "logprobs": 2}, {"logprobs": 2},
-              {"min_tokens": 8, "logprobs": 2}]
+    params = [{"logprobs": 4}, {"repetition_penalty": 1.5, "logprobs": 4}, {"logprobs": 4},
+              {"min_tokens": 8, "logprobs": 4}]
     base = {"model": str(tiny_models / "target"), "prompts": prompts, "max_tokens": 24,
             "params": params}
     ref = run_engine(base)

@@ -87,7 +87,7 @@ def prompts(tiny_models):
 def reference(tiny_models, prompts, log_dir):
     args = CPU_TINY_FLAGS + ["--logprobs-mode", "raw_logits", "--max-logprobs", "4"]
     with VllmServer(tiny_models / "target", args, log_dir / "serve-baseline.log") as srv:
-        ref = _complete_all(srv, prompts, logprobs=2)
+        ref = _complete_all(srv, prompts, logprobs=4)
     oracle = log_dir / "oracle.json"
     oracle.write_text(json.dumps([{"prompt": p, "completion": toks}
                                   for p, (toks, _) in zip(prompts, ref)]))
