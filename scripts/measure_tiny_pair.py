@@ -16,11 +16,11 @@ import json
 import platform
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from servertools import CPU_TINY_FLAGS, REPO, VllmServer, spec_decode_stats, speculative_args  # noqa: E402
+from servertools import (CPU_TINY_FLAGS, REPO, VllmServer, greedy_completions,  # noqa: E402
+                         spec_decode_stats, speculative_args)
 import train_tiny_pair as ttp  # noqa: E402
 
 DEFAULT_MODELS = REPO / "models" / "tiny-pair"
@@ -51,26 +51,8 @@ def heldout_prompts(tokenizer_json: Path, n: int, min_len: int = 48, max_len: in
 
 
 def complete_all(server: VllmServer, prompts, max_tokens: int, logprobs: int | None):
-    """Greedy completions (token ids, and the top-2 raw logits per position when asked)."""
-    from openai import OpenAI
-
-    client = OpenAI(base_url=server.base_url + "/v1", api_key="EMPTY", timeout=600)
-    model = client.models.list().data[0].id
-
-    def one(p):
-        r = client.completions.create(
-            model=model, prompt=p, max_tokens=max_tokens, temperature=0.0, logprobs=logprobs,
-            extra_body={"ignore_eos": True, "return_token_ids": True,
-                        "return_tokens_as_token_ids": True})
-        c = r.choices[0]
-        top2 = None
-        if logprobs:
-            top2 = [[(int(k.split(":", 1)[1]), v) for k, v in d.items()]
-                    for d in c.logprobs.top_logprobs]
-        return list(c.token_ids), top2
-
-    with ThreadPoolExecutor(4) as pool:
-        return list(pool.map(one, prompts))
+    """Greedy completions (token ids, and the top raw logits per position when asked)."""
+    return greedy_completions(server.base_url, prompts, max_tokens, logprobs)
 
 
 def dflash_spec(models: Path) -> dict:

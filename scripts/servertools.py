@@ -181,5 +181,33 @@ def ddtree_lines(log_text: str, limit: int = 8) -> list[str]:
     return out[:limit]
 
 
+def greedy_completions(base_url: str, prompts: list[list[int]], max_tokens: int,
+                       logprobs: int | None = None, concurrency: int = 4, timeout: float = 600):
+    """Greedy completions of token-id prompts through the openai client, as (token ids, top
+    candidates) per prompt; the candidates are [(token id, value)] per position when ``logprobs`` is
+    set (raw logits with ``--logprobs-mode raw_logits``), else None."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from openai import OpenAI
+
+    client = OpenAI(base_url=base_url + "/v1", api_key="EMPTY", timeout=timeout)
+    model = client.models.list().data[0].id
+
+    def one(p):
+        r = client.completions.create(
+            model=model, prompt=p, max_tokens=max_tokens, temperature=0.0, logprobs=logprobs,
+            extra_body={"ignore_eos": True, "return_token_ids": True,
+                        "return_tokens_as_token_ids": True})
+        c = r.choices[0]
+        top = None
+        if logprobs:
+            top = [[(int(k.split(":", 1)[1]), v) for k, v in d.items()]
+                   for d in c.logprobs.top_logprobs]
+        return list(c.token_ids), top
+
+    with ThreadPoolExecutor(concurrency) as pool:
+        return list(pool.map(one, prompts))
+
+
 def speculative_args(spec: dict | None) -> list[str]:
     return [] if spec is None else ["--speculative-config", json.dumps(spec)]

@@ -9,11 +9,10 @@ import json
 import shutil
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from servertools import free_port, parse_prometheus, spec_decode_stats
+from servertools import free_port, greedy_completions, parse_prometheus, spec_decode_stats
 from tests.support.equality import compare_greedy
 from tests.support.prompts import token_prompts
 
@@ -179,23 +178,9 @@ class Served:
 def _complete_all(base_url, prompts, logprobs):
     from openai import OpenAI
 
-    client = OpenAI(base_url=base_url + "/v1", api_key="EMPTY", timeout=300)
-    model = client.models.list().data[0].id
+    model = OpenAI(base_url=base_url + "/v1", api_key="EMPTY").models.list().data[0].id
     assert model == "/models/target"
-
-    def one(p):
-        r = client.completions.create(
-            model=model, prompt=p, max_tokens=MAX_TOKENS, temperature=0.0, logprobs=logprobs,
-            extra_body={"ignore_eos": True, "return_token_ids": True,
-                        "return_tokens_as_token_ids": True})
-        c = r.choices[0]
-        top2 = None
-        if logprobs:
-            top2 = [[(int(k.split(":", 1)[1]), v) for k, v in d.items()] for d in c.logprobs.top_logprobs]
-        return list(c.token_ids), top2
-
-    with ThreadPoolExecutor(4) as pool:
-        return list(pool.map(one, prompts))
+    return greedy_completions(base_url, prompts, MAX_TOKENS, logprobs, timeout=300)
 
 
 def _serve(engine, image, tiny_models, profile, prompts, log_dir, logprobs=None, env=None):

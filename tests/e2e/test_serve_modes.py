@@ -11,11 +11,11 @@ compaction, GDN commit along non-chain paths, and the drafter's context along th
 from __future__ import annotations
 
 import json
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from servertools import CPU_TINY_FLAGS, VllmServer, spec_decode_stats, speculative_args
+from servertools import (CPU_TINY_FLAGS, VllmServer, greedy_completions, spec_decode_stats,
+                         speculative_args)
 from tests.support.equality import compare_greedy
 from tests.support.prompts import token_prompts
 
@@ -46,22 +46,7 @@ def _client(server: VllmServer):
 
 
 def _complete_all(server: VllmServer, prompts, logprobs: int | None):
-    client, model = _client(server)
-
-    def one(p):
-        r = client.completions.create(
-            model=model, prompt=p, max_tokens=MAX_TOKENS, temperature=0.0, logprobs=logprobs,
-            extra_body={"ignore_eos": True, "return_token_ids": True,
-                        "return_tokens_as_token_ids": True})
-        c = r.choices[0]
-        top2 = None
-        if logprobs:
-            top2 = [[(int(k.split(":", 1)[1]), v) for k, v in d.items()]
-                    for d in c.logprobs.top_logprobs]
-        return list(c.token_ids), top2
-
-    with ThreadPoolExecutor(8) as pool:
-        return list(pool.map(one, prompts))
+    return greedy_completions(server.base_url, prompts, MAX_TOKENS, logprobs, concurrency=8)
 
 
 def _abort_a_stream(server: VllmServer, prompt) -> int:
