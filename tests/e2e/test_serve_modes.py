@@ -2,8 +2,8 @@
 in chain form (the fallback path) and DDTree tree verify must all equal the target alone token for
 token (the team's bf16 equality rule), for prompts of 10 to 2000 tokens at concurrency 8.
 
-DDTree with the random tiny drafter accepts (almost) nothing, which checks the verify / bonus path;
-with the oracle test drafter (tests/support/oracle_drafter.py: the true token ranked second at every
+DDTree tree verify with the random tiny drafter (nothing accepted: the verify / bonus path) runs in
+the container test (tests/container); here, with the oracle test drafter (tests/support/oracle_drafter.py: the true token ranked second at every
 depth) a chain accepts nothing while the tree follows siblings, which checks the accept path: KV
 compaction, GDN commit along non-chain paths, and the drafter's context along the accepted path.
 """
@@ -29,7 +29,6 @@ MODES = {
     "dflash": ({"method": "dflash", "num_speculative_tokens": 15}, {}),
     "ddtree-chain": ({"method": "dflash_ddtree", "ddtree_budget": 15, "ddtree_top_k": 4},
                      {"DDTREE_FORCE_CHAIN": "1"}),
-    "ddtree": ({"method": "dflash_ddtree", "ddtree_budget": 15, "ddtree_top_k": 4}, {}),
     "ddtree-oracle-tree": ({"method": "dflash_ddtree", "ddtree_budget": 32, "ddtree_top_k": 4},
                            {"DDTREE_TEST_DRAFT_HOOK": ORACLE_HOOK, "DDTREE_ORACLE_MODE": "top2"}),
     "ddtree-oracle-chain": ({"method": "dflash_ddtree", "ddtree_budget": 32, "ddtree_top_k": 1},
