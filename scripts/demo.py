@@ -61,7 +61,9 @@ def main() -> int:
                 print("server:", line.split("] ", 1)[-1])
                 break
     print("--- prompt ---\n" + PROMPT + "--- completion (tiny model trained on the stdlib) ---")
-    print(r.choices[0].text)
+    text = r.choices[0].text
+    # the tiny pair likes blank lines and repeats: show the text as a literal so it stays readable
+    print(text if len(text.strip()) > len(text) // 2 else repr(text))
     print("--- stats ---")
     print(f"mode={args.mode} tokens={r.usage.completion_tokens} time={dt:.2f}s")
     if spec is not None:
