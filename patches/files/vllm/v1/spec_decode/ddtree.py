@@ -57,6 +57,7 @@ class TreeEntry:
     parents: torch.Tensor  # [q_len] long; the root and padding nodes have -1
     num_nodes: int  # real nodes among the q_len (padding nodes are never accepted)
     visible: torch.Tensor  # [q_len, q_len] bool ancestor-or-self mask
+    depths: torch.Tensor  # [q_len] long, from the drafter's tree (padding nodes 0)
 
 
 @dataclasses.dataclass
@@ -459,7 +460,7 @@ class DDTreeRunnerState:
                 depths = tree.depths[:q]
                 runner.positions[start:start + q] = (prefix + depths).to(runner.positions.device)
                 entries.append(TreeEntry(i, start, q, prefix, parents, min(tree.num_nodes, q),
-                                         _ancestor_mask(parents)))
+                                         _ancestor_mask(parents), depths))
         self.last_entries = entries
         _set_current(TreeVerifyStep(entries, {e.req_index: e for e in entries}) if entries else None)
 
@@ -496,7 +497,7 @@ class DDTreeRunnerState:
                 parents[i, :q] = e.parents
                 real = e.num_nodes
                 valid[i, :real] = True
-                depths[i, :q] = _depths(e.parents)
+                depths[i, :q] = e.depths
             else:
                 parents[i, :q] = torch.arange(-1, q - 1)
                 depths[i, :q] = torch.arange(q)
@@ -659,14 +660,6 @@ class DDTreeRunnerState:
         self.trees = {rid: _ReqTree(parents[i].clone(), depths[i].clone(), int(nn_[i]))
                       for i, rid in enumerate(req_ids) if i < parents.shape[0]}
         self.stats.record_build(drafter.last_build_s)
-
-
-def _depths(parents: torch.Tensor) -> torch.Tensor:
-    d = torch.zeros_like(parents)
-    for i in range(1, parents.shape[0]):
-        p = int(parents[i])
-        d[i] = d[p] + 1 if p >= 0 else 0
-    return d
 
 
 def _unique_layers(layers):
