@@ -45,6 +45,8 @@ def vllm_executable() -> list[str]:
 
 def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
+    # The test suite sets TRITON_INTERPRET=1 for its own kernels; a served engine runs as in production.
+    env.pop("TRITON_INTERPRET", None)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     env.setdefault("HF_HUB_OFFLINE", "1")
     env.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -19,6 +19,14 @@ def _cuda_available() -> bool:
         return False
 
 
+# Triton reads TRITON_INTERPRET when a @triton.jit function is *decorated*: a helper decorated before
+# the flag is set stays a compiled-mode JITFunction and fails inside an interpreted kernel ("Cannot
+# call @triton.jit'd outside of the scope of a kernel"). Collection imports every test module (and,
+# through vLLM, triton itself) in one process, so the flag must be set here, before any of them.
+if not _cuda_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
 def pytest_collection_modifyitems(config, items):
     if _cuda_available():
         return
