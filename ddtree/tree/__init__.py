@@ -6,6 +6,7 @@ See docs/tree-core.md for the data layout, the ordering / tie rule and how the v
 from .build import build_tree, draft_topk
 from .flatten import (
     ancestor_mask,
+    ancestor_mask_from_parents,
     child_table,
     flashinfer_custom_mask,
     flatten_tree,
@@ -26,7 +27,7 @@ from .types import DraftTree, FlashInferMask, FlatTree, WalkResult
 __all__ = [
     "DraftTree", "FlatTree", "FlashInferMask", "WalkResult",
     "build_tree", "draft_topk",
-    "ancestor_mask", "child_table", "flashinfer_custom_mask", "flatten_tree", "logits_rows",
+    "ancestor_mask", "ancestor_mask_from_parents", "child_table", "flashinfer_custom_mask", "flatten_tree", "logits_rows",
     "node_positions", "pack_bits_rows",
     "SAMPLING_EPS", "apply_top_k_top_p", "greedy_tree_walk", "sample_target_tokens",
     "sample_tree_walk", "tree_walk",

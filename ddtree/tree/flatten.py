@@ -28,14 +28,19 @@ def ancestor_mask(tree: DraftTree) -> torch.Tensor:
     after s squarings every ancestor up to 2^s edges away is covered, and paths have <= L edges.
     0/1 products summed over <= N terms are exact in fp32 (and TF32).
     """
-    B, N = tree.parents.shape
-    dev = tree.parents.device
+    return ancestor_mask_from_parents(tree.parents, tree.max_depth)
+
+
+def ancestor_mask_from_parents(parents: torch.Tensor, max_depth: int) -> torch.Tensor:
+    """``ancestor_mask`` for bare parent arrays [B, N] (-1: no parent; nodes at most max_depth deep)."""
+    B, N = parents.shape
+    dev = parents.device
     eye = torch.eye(N, device=dev, dtype=torch.float32).expand(B, N, N)
-    has_parent = tree.parents >= 0
+    has_parent = parents >= 0
     parent_edge = torch.zeros((B, N, N), device=dev, dtype=torch.float32)
-    parent_edge.scatter_(2, tree.parents.clamp(min=0)[:, :, None], has_parent[:, :, None].float())
+    parent_edge.scatter_(2, parents.long().clamp(min=0)[:, :, None], has_parent[:, :, None].float())
     reach = eye + parent_edge
-    for _ in range(max(1, math.ceil(math.log2(max(tree.max_depth, 1))))):
+    for _ in range(max(1, math.ceil(math.log2(max(max_depth, 1))))):
         reach = (torch.bmm(reach, reach) > 0).float()
     return reach > 0
 

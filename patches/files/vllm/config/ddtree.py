@@ -176,16 +176,70 @@ def finalize_ddtree(sc: Any) -> None:
                      sc.ddtree_chain_seed, sc.ddtree_fallback, sc.ddtree_max_depth)
 
 
+#: Attention backends whose paged KV layout the CUDA tree path reads (ddtree.attention.batched).
+TREE_CUDA_ATTENTION_BACKENDS = ("FLASH_ATTN", "TRITON_ATTN")
+
+
 def tree_path_unsupported_reason(sc: Any) -> str | None:
     """Why the tree verifier cannot run with this configuration (None: it can)."""
     if os.environ.get("DDTREE_FORCE_CHAIN", "0") == "1":
         return "DDTREE_FORCE_CHAIN=1"
     from vllm.platforms import current_platform
 
-    if not current_platform.is_cpu():
-        return (f"platform {current_platform.device_name}: the tree attention/GDN path of this "
-                f"build runs on vLLM's CPU backend only")
+    if current_platform.is_cpu():
+        return None
+    if not current_platform.is_cuda():
+        return (f"platform {current_platform.device_name}: the tree path runs on vLLM's CPU "
+                f"backend and on CUDA")
+    # The tree hooks live in the V1 model runner. V2 is chosen by VLLM_USE_V2_MODEL_RUNNER=1 or
+    # forced by DFlash drafters that mix sliding and full attention layers (Qwen3.6 drafters).
+    if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "").lower() in ("1", "true"):
+        return "V2 model runner (VLLM_USE_V2_MODEL_RUNNER=1): tree verify is in the V1 runner only"
+    draft = getattr(sc, "draft_model_config", None)
+    layer_types = list(getattr(getattr(draft, "hf_config", None), "layer_types", None) or [])
+    n_sliding = sum(t == "sliding_attention" for t in layer_types)
+    if 0 < n_sliding < len(layer_types):
+        return ("V2 model runner (the drafter mixes sliding and full attention layers): tree "
+                "verify is in the V1 runner only")
+    backend = os.environ.get("VLLM_ATTENTION_BACKEND")
+    if backend and backend.upper() not in TREE_CUDA_ATTENTION_BACKENDS:
+        return (f"attention backend {backend}: the CUDA tree path reads the KV layout of "
+                f"{', '.join(TREE_CUDA_ATTENTION_BACKENDS)}")
     return None
+
+
+def ddtree_graph_mode(vllm_config: Any) -> None:
+    """CUDA graphs with tree verify: PIECEWISE at most (called while VllmConfig resolves graphs).
+
+    The tree attention rows and the tree GDN ops run inside vLLM's splitting ops (attention and
+    GDN core), which piecewise graphs leave eager; full graphs would replay the causal kernels only.
+    """
+    sc = vllm_config.speculative_config
+    if sc is None or not sc.use_ddtree_tree():
+        return
+    from vllm.config.compilation import CUDAGraphMode
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        return
+    backend = getattr(getattr(vllm_config, "attention_config", None), "backend", None)
+    name = getattr(backend, "name", backend)
+    if name and str(name).upper() not in TREE_CUDA_ATTENTION_BACKENDS:
+        # An explicitly chosen backend whose KV layout the tree path cannot read: flat DFlash.
+        sc.ddtree_fallback = (f"attention backend {name}: the CUDA tree path reads the KV layout "
+                              f"of {', '.join(TREE_CUDA_ATTENTION_BACKENDS)}")
+        sc.num_speculative_tokens = sc.ddtree_max_depth
+        record_fallback(sc.ddtree_fallback)
+        log_once("fallback", "dflash_ddtree: tree verify is not available here (%s); running "
+                 "flat DFlash over the top-1 chain (%d tokens per step).", sc.ddtree_fallback,
+                 sc.ddtree_max_depth)
+        return
+    cc = vllm_config.compilation_config
+    if not cc.cudagraph_mode.has_full_cudagraphs():
+        return
+    log_once("graphs", "dflash_ddtree: cudagraph_mode %s -> PIECEWISE (tree attention and tree "
+             "GDN run between the captured pieces).", cc.cudagraph_mode.name)
+    cc.cudagraph_mode = CUDAGraphMode.PIECEWISE
 
 
 _FALLBACKS: dict[str, int] = {}

