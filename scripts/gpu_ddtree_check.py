@@ -1,0 +1,227 @@
+"""DDTree on a CUDA GPU, one command: greedy equality with the target alone + tokens/s, per mode.
+
+    python3 scripts/gpu_ddtree_check.py OUTDIR [--models models/tiny-pair] [--modes ...] [--quick]
+
+Runs on a host where the offline bundle is installed (PYTHONPATH=/opt/vllm-site: vLLM 0.26 with our
+overlays); the repo checkout is the working directory. Every mode runs in a fresh process (several
+engines in one process trip over vLLM's kernel registration), in-process engine (no API server):
+
+- ``target``: the target alone, greedy, top-4 logits per position (the equality reference);
+- ``dflash``: flat DFlash (15 speculative tokens) - the rollback path, the bar to match;
+- ``ddtree``: DDTree tree verify with the real drafter (budget 16, top-k 4);
+- ``ddtree-oracle``: tree verify with a test drafter whose top-1 is wrong and top-2 right at every
+  depth (tests/support/oracle_drafter.py): accepted paths must leave the top-1 chain;
+- ``ddtree-graphs``: ``ddtree`` with CUDA graphs (piecewise; the others run eager).
+
+Equality uses the team rule (tests/support/equality.py: identical up to the first divergence, which
+must be a tie of the reference's top-2 logits within bf16 noise). Speed: greedy, ignore_eos,
+concurrency 1 (prompts one after another) and 8 (one batch), tokens/s = generated tokens / wall s.
+Writes OUTDIR/ddtree_gpu.json and prints a table; every record names the GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+
+ORACLE_HOOK = "tests.support.oracle_drafter:draft_logits"
+
+
+def mode_configs(models: Path) -> dict[str, dict]:
+    drafter = str(models / "drafter")
+    tree = {"method": "dflash_ddtree", "model": drafter, "ddtree_budget": 16, "ddtree_top_k": 4}
+    return {
+        "target": {"spec": None},
+        "dflash": {"spec": {"method": "dflash", "model": drafter, "num_speculative_tokens": 15}},
+        "ddtree": {"spec": tree},
+        "ddtree-oracle": {"spec": dict(tree, ddtree_budget=32), "oracle": True},
+        "ddtree-graphs": {"spec": tree, "graphs": True},
+    }
+
+
+def prompts_for(models: Path, n: int, min_len: int, max_len: int) -> list[list[int]]:
+    from measure_tiny_pair import heldout_prompts
+
+    return heldout_prompts(models / "target" / "tokenizer.json", n, min_len, max_len)
+
+
+# ----------------------------------------------------------------------------- one engine (child)
+
+
+def run_one(cfg: dict) -> dict:
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    import torch
+    from vllm import LLM, SamplingParams
+
+    t0 = time.monotonic()
+    llm = LLM(model=cfg["model"], enforce_eager=not cfg.get("graphs"), max_model_len=2048,
+              language_model_only=True, enable_prefix_caching=False, seed=0, max_num_seqs=8,
+              speculative_config=cfg.get("spec"), disable_log_stats=False,
+              logprobs_mode="processed_logits", max_logprobs=4, gpu_memory_utilization=0.5)
+    startup_s = time.monotonic() - t0
+
+    def gen(prompts, max_tokens, logprobs=None):
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True,
+                                logprobs=logprobs)
+        return llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+
+    t1 = time.monotonic()
+    outs = gen(cfg["prompts"], cfg["max_tokens"], 4 if cfg.get("logprobs") else None)
+    eq_s = time.monotonic() - t1
+    result = []
+    for o in outs:
+        c = o.outputs[0]
+        top = None
+        if c.logprobs:
+            top = [[(int(t), float(lp.logprob)) for t, lp in d.items()] for d in c.logprobs]
+        result.append({"tokens": list(c.token_ids), "top2": top})
+    before = _counters(llm)
+    speed = {}
+    sp, st = cfg["speed_prompts"], cfg["speed_tokens"]
+    gen(sp[:1], 8)  # warm-up (kernels, allocator)
+    t1 = time.monotonic()
+    for p in sp[:4]:
+        gen([p], st)
+    speed["c1_tok_s"] = round(4 * st / (time.monotonic() - t1), 1)
+    t1 = time.monotonic()
+    gen(sp[:8], st)
+    speed["c8_tok_s"] = round(8 * st / (time.monotonic() - t1), 1)
+    after = _counters(llm)
+    delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    drafts = delta.get("vllm:spec_decode_num_drafts", 0.0)
+    accepted = delta.get("vllm:spec_decode_num_accepted_tokens", 0.0)
+    speed["acceptance_length"] = round(1 + accepted / drafts, 3) if drafts else None
+    tree = _tree_stats()
+    return {"outputs": result, "startup_s": round(startup_s, 1), "equality_batch_s": round(eq_s, 2),
+            "speed": speed, "ddtree_counters": tree, "device": torch.cuda.get_device_name()
+            if torch.cuda.is_available() else "cpu"}
+
+
+def _tree_stats() -> dict:
+    """The engine's DDTree counters (the engine core runs in this process)."""
+    import gc
+
+    try:
+        from vllm.v1.spec_decode.ddtree import DDTreeStats
+    except ImportError:
+        return {}
+    for obj in gc.get_objects():
+        if isinstance(obj, DDTreeStats):
+            return {"steps": obj.steps, "nodes_verified": obj.nodes_verified,
+                    "nodes_wasted": obj.nodes_wasted, "sibling_taken": obj.sibling_taken,
+                    "accepted_hist": {str(k): v for k, v in sorted(obj.accepted_hist.items())},
+                    "build_s": round(obj.build_s, 3), "verify_s": round(obj.verify_s, 3),
+                    "commit_s": round(obj.commit_s, 3)}
+    return {}
+
+
+def _counters(llm) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for m in llm.get_metrics():
+        if m.name.startswith("vllm:spec_decode_num") and hasattr(m, "value"):
+            out[m.name] = float(m.value)
+    return out
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--models", type=Path, default=REPO / "models" / "tiny-pair")
+    ap.add_argument("--modes", default="target,dflash,ddtree,ddtree-oracle,ddtree-graphs")
+    ap.add_argument("--quick", action="store_true", help="few prompts/tokens (CPU smoke run)")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        cfg = json.loads(Path(args.child).read_text())
+        print("RESULT " + json.dumps(run_one(cfg)), flush=True)
+        return 0
+
+    from tests.support.equality import compare_greedy
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    n_eq, eq_tokens, speed_tokens = (4, 16, 16) if args.quick else (20, 64, 128)
+    prompts = prompts_for(args.models, n_eq, 48, 600 if not args.quick else 96)
+    speed_prompts = prompts_for(args.models, 8, 64, 256)
+    configs = mode_configs(args.models)
+    modes = [m for m in args.modes.split(",") if m]
+    unknown = [m for m in modes if m not in configs]
+    if unknown:
+        ap.error(f"unknown modes {unknown}; choose from {list(configs)}")
+    if "target" not in modes:
+        modes.insert(0, "target")
+    report: dict = {"models": str(args.models), "equality_prompts": len(prompts),
+                    "equality_tokens": eq_tokens, "speed_tokens": speed_tokens, "modes": {}}
+    ref = None
+    for mode in modes:
+        cfg = dict(configs[mode], model=str(args.models / "target"), prompts=prompts,
+                   max_tokens=eq_tokens, logprobs=(mode == "target"), speed_prompts=speed_prompts,
+                   speed_tokens=speed_tokens)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            [str(REPO), os.environ.get("PYTHONPATH", "")]), PYTHONUNBUFFERED="1")
+        if cfg.pop("oracle", False):
+            oracle = args.out / "oracle.json"
+            oracle.write_text(json.dumps([{"prompt": p, "completion": o["tokens"]}
+                                          for p, o in zip(prompts, ref["outputs"])]))
+            env.update(DDTREE_TEST_DRAFT_HOOK=ORACLE_HOOK, DDTREE_ORACLE_MODE="top2",
+                       DDTREE_ORACLE_FILE=str(oracle))
+        cfg_file = args.out / f"cfg-{mode}.json"
+        cfg_file.write_text(json.dumps(cfg))
+        t0 = time.monotonic()
+        log = args.out / f"{mode}.log"
+        with open(log, "w") as f:
+            p = subprocess.run([sys.executable, __file__, str(args.out), "--child", str(cfg_file)],
+                               stdout=subprocess.PIPE, stderr=f, text=True, env=env, cwd=REPO)
+        cfg_file.unlink()
+        line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        rec: dict = {"wall_s": round(time.monotonic() - t0, 1)}
+        if line is None:
+            rec["error"] = f"exit {p.returncode}; see {log.name}"
+            tail = log.read_text(errors="replace").splitlines()[-25:]
+            print(f"[{mode}] FAILED\n" + "\n".join(tail), flush=True)
+            report["modes"][mode] = rec
+            if mode == "target":
+                break
+            continue
+        res = json.loads(line[len("RESULT "):])
+        rec.update({k: v for k, v in res.items() if k != "outputs"})
+        if mode == "target":
+            ref = res
+        else:
+            verdicts = [compare_greedy(r["tokens"], r["top2"], o["tokens"])
+                        for r, o in zip(ref["outputs"], res["outputs"])]
+            rec["equal"] = sum(v.ok and v.identical for v in verdicts)
+            rec["tie_divergences"] = sum(v.ok and not v.identical for v in verdicts)
+            rec["failures"] = [v.detail for v in verdicts if not v.ok]
+        report["modes"][mode] = rec
+        report["device"] = res.get("device")
+        (args.out / "ddtree_gpu.json").write_text(json.dumps(report, indent=2))
+        print(f"[{mode}] {json.dumps(rec)[:600]}", flush=True)
+    print(f"\nDDTree GPU check on {report.get('device')} ({len(prompts)} prompts x {eq_tokens} tokens;"
+          f" speed {speed_tokens} tokens)")
+    print(f"{'mode':<15}{'equal':>7}{'ties':>6}{'fail':>6}{'AL':>8}{'tok/s c1':>10}{'tok/s c8':>10}")
+    ok = True
+    for mode, rec in report["modes"].items():
+        sp = rec.get("speed", {})
+        fails = len(rec.get("failures", [])) if "error" not in rec else "ERR"
+        ok &= fails in (0,) or mode == "target"
+        print(f"{mode:<15}{rec.get('equal', '-')!s:>7}{rec.get('tie_divergences', '-')!s:>6}"
+              f"{fails!s:>6}{sp.get('acceptance_length', '-')!s:>8}{sp.get('c1_tok_s', '-')!s:>10}"
+              f"{sp.get('c8_tok_s', '-')!s:>10}")
+    (args.out / "ddtree_gpu.json").write_text(json.dumps(report, indent=2))
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
