@@ -123,3 +123,90 @@ def test_invalid_value_from_the_cli_fails_at_startup(tiny_models):
     with pytest.raises(Exception) as ei:
         _cli_config(tiny_models, ["--speculative-config", json.dumps(spec)])
     assert "speculative_config.ddtree_top_k" in str(ei.value)
+
+
+# ----------------------------------------------------------------------------- CUDA decisions
+
+
+class _FakeCuda:
+    device_name = "cuda"
+
+    def is_cpu(self):
+        return False
+
+    def is_cuda(self):
+        return True
+
+
+def _sc(layer_types=None, budget=16):
+    from types import SimpleNamespace
+
+    draft = SimpleNamespace(hf_config=SimpleNamespace(layer_types=layer_types))
+    sc = SimpleNamespace(ddtree_budget=budget, ddtree_max_depth=min(15, budget), ddtree_fallback=None,
+                         num_speculative_tokens=budget, draft_model_config=draft)
+    sc.use_ddtree_tree = lambda: sc.ddtree_fallback is None
+    return sc
+
+
+@pytest.fixture
+def fake_cuda(monkeypatch):
+    import vllm.platforms as platforms
+
+    monkeypatch.setattr(platforms, "_current_platform", _FakeCuda(), raising=False)
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
+    monkeypatch.delenv("VLLM_ATTENTION_BACKEND", raising=False)
+    monkeypatch.delenv("DDTREE_FORCE_CHAIN", raising=False)
+    from vllm.platforms import current_platform
+
+    assert current_platform.is_cuda()
+
+
+def test_cuda_tree_path_reasons(fake_cuda, monkeypatch):
+    from vllm.config.ddtree import tree_path_unsupported_reason
+
+    assert tree_path_unsupported_reason(_sc(["full_attention"])) is None
+    mixed = tree_path_unsupported_reason(_sc(["sliding_attention", "full_attention"]))
+    assert mixed is not None and "V2 model runner" in mixed
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    assert "V2" in tree_path_unsupported_reason(_sc())
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER")
+    monkeypatch.setenv("VLLM_ATTENTION_BACKEND", "FLASHINFER")
+    assert "FLASHINFER" in tree_path_unsupported_reason(_sc())
+
+
+def _vllm_config(sc, backend=None, mode="FULL_AND_PIECEWISE", async_sched=True):
+    from types import SimpleNamespace
+
+    from vllm.config.compilation import CUDAGraphMode
+
+    return SimpleNamespace(speculative_config=sc, attention_config=SimpleNamespace(backend=backend),
+                           scheduler_config=SimpleNamespace(async_scheduling=async_sched),
+                           compilation_config=SimpleNamespace(cudagraph_mode=CUDAGraphMode[mode]))
+
+
+def test_cuda_engine_settings_for_tree_verify(fake_cuda):
+    from vllm.config.compilation import CUDAGraphMode
+    from vllm.config.ddtree import ddtree_graph_mode
+
+    cfg = _vllm_config(_sc())
+    ddtree_graph_mode(cfg)
+    assert cfg.compilation_config.cudagraph_mode == CUDAGraphMode.PIECEWISE
+    assert cfg.scheduler_config.async_scheduling is False
+    assert cfg.speculative_config.ddtree_fallback is None
+    eager = _vllm_config(_sc(), mode="NONE")
+    ddtree_graph_mode(eager)
+    assert eager.compilation_config.cudagraph_mode == CUDAGraphMode.NONE
+
+
+def test_cuda_unreadable_backend_falls_back_to_flat_dflash(fake_cuda):
+    from vllm.config.compilation import CUDAGraphMode
+    from vllm.config.ddtree import ddtree_graph_mode
+
+    cfg = _vllm_config(_sc(budget=32), backend="FLASHINFER")
+    ddtree_graph_mode(cfg)
+    sc = cfg.speculative_config
+    assert sc.ddtree_fallback is not None and "FLASHINFER" in sc.ddtree_fallback
+    assert sc.num_speculative_tokens == 15  # flat DFlash over min(L, budget)
+    # flat DFlash keeps vLLM's own graph and scheduling choices
+    assert cfg.compilation_config.cudagraph_mode == CUDAGraphMode.FULL_AND_PIECEWISE
+    assert cfg.scheduler_config.async_scheduling is True

@@ -209,7 +209,9 @@ def tree_path_unsupported_reason(sc: Any) -> str | None:
 
 
 def ddtree_graph_mode(vllm_config: Any) -> None:
-    """CUDA graphs with tree verify: PIECEWISE at most (called while VllmConfig resolves graphs).
+    """Engine settings for tree verify on CUDA (called while VllmConfig resolves CUDA graphs):
+    a KV layout the tree attention reads (else flat DFlash), synchronous scheduling, and CUDA
+    graphs PIECEWISE at most.
 
     The tree attention rows and the tree GDN ops run inside vLLM's splitting ops (attention and
     GDN core), which piecewise graphs leave eager; full graphs would replay the causal kernels only.
@@ -234,6 +236,12 @@ def ddtree_graph_mode(vllm_config: Any) -> None:
                  "flat DFlash over the top-1 chain (%d tokens per step).", sc.ddtree_fallback,
                  sc.ddtree_max_depth)
         return
+    sched = vllm_config.scheduler_config
+    if sched.async_scheduling:
+        # Async scheduling plans step t+1 before step t's accepted count is known, assuming a chain
+        # layout; tree positions and the KV/GDN commit need the walk's result first.
+        log_once("async", "dflash_ddtree: asynchronous scheduling disabled for tree verify.")
+        sched.async_scheduling = False
     cc = vllm_config.compilation_config
     if not cc.cudagraph_mode.has_full_cudagraphs():
         return
