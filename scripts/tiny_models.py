@@ -71,17 +71,25 @@ def _corpus_files(limit_bytes: int = 2_000_000) -> list[str]:
     return files
 
 
-def make_tokenizer(out: Path) -> None:
+def bpe_tokenizer_and_trainer(vocab_size: int = VOCAB_SIZE):
+    """An empty byte-level BPE tokenizer and its trainer (our specials, full byte alphabet).
+
+    Shared by this script and scripts/train_tiny_pair.py so both tokenizers have the same form."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=SPECIAL_TOKENS,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   show_progress=False)
-    tok.train(_corpus_files(), trainer)
+    return tok, trainer
+
+
+def save_tokenizer(tok, out: Path) -> None:
+    """Save a trained tokenizer as a HF fast tokenizer with EOS/pad and a ChatML template."""
+    from transformers import PreTrainedTokenizerFast
+
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS_TOKEN, pad_token=EOS_TOKEN,
                                    unk_token=None)
     fast.chat_template = (
@@ -90,6 +98,12 @@ def make_tokenizer(out: Path) -> None:
     )
     out.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(out)
+
+
+def make_tokenizer(out: Path) -> None:
+    tok, trainer = bpe_tokenizer_and_trainer()
+    tok.train(_corpus_files(), trainer)
+    save_tokenizer(tok, out)
 
 
 def _copy_tokenizer(src: Path, dst: Path) -> None:
