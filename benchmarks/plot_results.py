@@ -56,49 +56,46 @@ def plot(paths: list[Path], out: Path) -> list[Path]:
     modes = sorted({p["mode"] for p in points}, key=_mode_order)
     subtitle = f"{device}; models: {', '.join(models)}"
 
-    fig, axes = plt.subplots(1, len(cats), figsize=(5.5 * len(cats), 4.2), squeeze=False)
-    for ax, cat in zip(axes[0], cats):
+    def per_category(name: str, title: str, ylabel: str, curves) -> None:
+        """One panel per prompt category; curves(cat) yields (label, xs, ys)."""
+        fig, axes = plt.subplots(1, len(cats), figsize=(5.5 * len(cats), 4.2), squeeze=False)
+        for ax, cat in zip(axes[0], cats):
+            for label, xs, ys in curves(cat):
+                ax.plot(xs, ys, marker="o", label=label)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("concurrency")
+            ax.set_ylabel(ylabel)
+            ax.set_title(cat)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        fig.suptitle(f"{title} — {subtitle}", fontsize=9)
+        fig.tight_layout()
+        path = out / name
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+
+    def tokps(cat):
         for mode in modes:
             s = series.get((mode, cat))
             if s:
                 xs = sorted(s)
-                ax.plot(xs, [s[x] for x in xs], marker="o", label=mode)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("concurrency")
-        ax.set_ylabel("output tok/s")
-        ax.set_title(cat)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.suptitle(f"output tok/s vs concurrency — {subtitle}", fontsize=9)
-    fig.tight_layout()
-    path = out / "tokps_vs_concurrency.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    written.append(path)
+                yield mode, xs, [s[x] for x in xs]
 
-    if any(m == "dflash" for m in modes) and len(modes) > 1:
-        fig, axes = plt.subplots(1, len(cats), figsize=(5.5 * len(cats), 4.2), squeeze=False)
-        for ax, cat in zip(axes[0], cats):
-            ref = series.get(("dflash", cat), {})
-            for mode in modes:
-                s = series.get((mode, cat))
-                if not s or mode == "dflash":
-                    continue
+    def speedup(cat):
+        ref = series.get(("dflash", cat), {})
+        for mode in modes:
+            s = series.get((mode, cat))
+            if s and mode != "dflash":
                 xs = sorted(x for x in s if ref.get(x))
-                ax.plot(xs, [s[x] / ref[x] for x in xs], marker="o", label=mode)
-            ax.axhline(1.0, color="k", lw=0.8, ls="--", label="flat DFlash")
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel("concurrency")
-            ax.set_ylabel("tok/s / flat DFlash tok/s")
-            ax.set_title(cat)
-            ax.grid(alpha=0.3)
-            ax.legend(fontsize=7)
-        fig.suptitle(f"speedup over flat DFlash — {subtitle}", fontsize=9)
-        fig.tight_layout()
-        path = out / "speedup_vs_dflash.png"
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+                yield mode, xs, [s[x] / ref[x] for x in xs]
+        xs = sorted(ref)
+        yield "flat DFlash", xs, [1.0] * len(xs)
+
+    per_category("tokps_vs_concurrency.png", "output tok/s vs concurrency", "output tok/s", tokps)
+    if any(m == "dflash" for m in modes) and len(modes) > 1:
+        per_category("speedup_vs_dflash.png", "speedup over flat DFlash", "tok/s / flat DFlash tok/s",
+                     speedup)
 
     tree = [p for p in points if p["mode"].startswith("ddtree-") and p.get("spec_decode")]
     if tree:
