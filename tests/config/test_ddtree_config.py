@@ -171,15 +171,18 @@ def test_cuda_tree_path_reasons(fake_cuda, monkeypatch):
     assert "V2" in tree_path_unsupported_reason(_sc())
     monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER")
     monkeypatch.setenv("VLLM_ATTENTION_BACKEND", "FLASHINFER")
-    assert "FLASHINFER" in tree_path_unsupported_reason(_sc())
+    assert tree_path_unsupported_reason(_sc()) is None
+    monkeypatch.setenv("VLLM_ATTENTION_BACKEND", "FLEX_ATTENTION")
+    assert "FLEX_ATTENTION" in tree_path_unsupported_reason(_sc())
 
 
-def _vllm_config(sc, backend=None, mode="FULL_AND_PIECEWISE", async_sched=True):
+def _vllm_config(sc, backend=None, mode="FULL_AND_PIECEWISE", async_sched=True, kv_dtype="auto"):
     from types import SimpleNamespace
 
     from vllm.config.compilation import CUDAGraphMode
 
     return SimpleNamespace(speculative_config=sc, attention_config=SimpleNamespace(backend=backend),
+                           cache_config=SimpleNamespace(cache_dtype=kv_dtype),
                            scheduler_config=SimpleNamespace(async_scheduling=async_sched),
                            compilation_config=SimpleNamespace(cudagraph_mode=CUDAGraphMode[mode]))
 
@@ -202,11 +205,22 @@ def test_cuda_unreadable_backend_falls_back_to_flat_dflash(fake_cuda):
     from vllm.config.compilation import CUDAGraphMode
     from vllm.config.ddtree import ddtree_graph_mode
 
-    cfg = _vllm_config(_sc(budget=32), backend="FLASHINFER")
+    cfg = _vllm_config(_sc(budget=32), backend="FLEX_ATTENTION")
     ddtree_graph_mode(cfg)
     sc = cfg.speculative_config
-    assert sc.ddtree_fallback is not None and "FLASHINFER" in sc.ddtree_fallback
+    assert sc.ddtree_fallback is not None and "FLEX_ATTENTION" in sc.ddtree_fallback
     assert sc.num_speculative_tokens == 15  # flat DFlash over min(L, budget)
     # flat DFlash keeps vLLM's own graph and scheduling choices
     assert cfg.compilation_config.cudagraph_mode == CUDAGraphMode.FULL_AND_PIECEWISE
     assert cfg.scheduler_config.async_scheduling is True
+
+
+def test_cuda_quantized_kv_cache_falls_back(fake_cuda):
+    from vllm.config.ddtree import ddtree_graph_mode
+
+    cfg = _vllm_config(_sc(), kv_dtype="fp8_e4m3")
+    ddtree_graph_mode(cfg)
+    assert "fp8_e4m3" in cfg.speculative_config.ddtree_fallback
+    ok = _vllm_config(_sc(), kv_dtype="bfloat16")
+    ddtree_graph_mode(ok)
+    assert ok.speculative_config.ddtree_fallback is None

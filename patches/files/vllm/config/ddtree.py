@@ -177,7 +177,7 @@ def finalize_ddtree(sc: Any) -> None:
 
 
 #: Attention backends whose paged KV layout the CUDA tree path reads (ddtree.attention.batched).
-TREE_CUDA_ATTENTION_BACKENDS = ("FLASH_ATTN", "TRITON_ATTN")
+TREE_CUDA_ATTENTION_BACKENDS = ("FLASH_ATTN", "TRITON_ATTN", "FLASHINFER")
 
 
 def tree_path_unsupported_reason(sc: Any) -> str | None:
@@ -226,10 +226,16 @@ def ddtree_graph_mode(vllm_config: Any) -> None:
         return
     backend = getattr(getattr(vllm_config, "attention_config", None), "backend", None)
     name = getattr(backend, "name", backend)
+    kv_dtype = str(getattr(getattr(vllm_config, "cache_config", None), "cache_dtype", "auto"))
+    reason = None
     if name and str(name).upper() not in TREE_CUDA_ATTENTION_BACKENDS:
-        # An explicitly chosen backend whose KV layout the tree path cannot read: flat DFlash.
-        sc.ddtree_fallback = (f"attention backend {name}: the CUDA tree path reads the KV layout "
-                              f"of {', '.join(TREE_CUDA_ATTENTION_BACKENDS)}")
+        reason = (f"attention backend {name}: the CUDA tree path reads the KV layout of "
+                  f"{', '.join(TREE_CUDA_ATTENTION_BACKENDS)}")
+    elif kv_dtype not in ("auto", "bfloat16", "float16", "half"):
+        reason = f"kv_cache_dtype {kv_dtype}: the CUDA tree attention reads bf16/fp16 caches only"
+    if reason is not None:
+        # A KV cache the tree attention cannot read: flat DFlash.
+        sc.ddtree_fallback = reason
         sc.num_speculative_tokens = sc.ddtree_max_depth
         record_fallback(sc.ddtree_fallback)
         log_once("fallback", "dflash_ddtree: tree verify is not available here (%s); running "

@@ -20,7 +20,7 @@ nodes 1..budget = the flattened draft tree, parent before child):
 
 The algorithms (tree build, walks, masks, tree GDN ops, tree attention) live in the ``ddtree``
 package; this module is glue. The tree path runs on vLLM's CPU backend and, on CUDA, with the V1
-runner and the FLASH_ATTN / TRITON_ATTN backends (attention rows recomputed under the tree mask by
+runner and the FLASH_ATTN / TRITON_ATTN / FLASHINFER backends (attention rows recomputed under the tree mask by
 one batched SDPA per layer: ``tree_attention_fixup``; GDN through the Triton tree kernels:
 ``gdn_tree_spec_forward``); elsewhere ``method="dflash_ddtree"`` falls back to flat DFlash over the
 top-1 chain (see vllm/config/ddtree.py).
@@ -81,6 +81,7 @@ class TreeVerifyStep:
     attn_plans: dict = dataclasses.field(default_factory=dict)  # (block table, block size) -> plan
     gdn_plans: dict = dataclasses.field(default_factory=dict)  # id(GDN metadata) -> _GdnTreePlan
     gdn_layers: list[tuple] = dataclasses.field(default_factory=list)  # (conv, pool, plan, width)
+    runner: Any = None  # the GPUModelRunner (block tables of backends whose metadata lacks one)
 
 
 _CURRENT: TreeVerifyStep | None = None
@@ -147,11 +148,8 @@ def tree_attention_fixup(layer, query: torch.Tensor, kv_cache: torch.Tensor, att
 
     impl = layer.impl
     block_table = getattr(attn_metadata, "block_table", None)
-    if block_table is None:
-        raise RuntimeError(
-            f"DDTree tree verify: attention backend {type(impl).__name__} exposes no block table; "
-            f"the CUDA tree path supports FLASH_ATTN and TRITON_ATTN (set attention_backend, or "
-            f"DDTREE_FORCE_CHAIN=1 for flat DFlash)")
+    if block_table is None:  # e.g. FlashInfer keeps only its planned page indices
+        block_table = _layer_block_table(step, layer)
     block_size = kv_cache.shape[2]
     key = (block_table.data_ptr(), block_size)
     plan = step.attn_plans.get(key)
@@ -165,6 +163,18 @@ def tree_attention_fixup(layer, query: torch.Tensor, kv_cache: torch.Tensor, att
     out = tree_attention_batched(q3, k, v, plan, impl.scale, _window_of(impl))
     write_tree_rows(output.view(-1, num_heads, head_size), out, plan)
     step.gpu_attn_layers.append((kv_cache, plan))
+
+
+def _layer_block_table(step: "TreeVerifyStep", layer) -> torch.Tensor:
+    """The device block table of the KV-cache group holding this attention layer."""
+    runner = step.runner
+    if runner is None:
+        raise RuntimeError("DDTree tree verify: no model runner to take the block table from")
+    groups = runner.kv_cache_config.kv_cache_groups
+    gid = next((g for g, grp in enumerate(groups) if layer.layer_name in grp.layer_names), None)
+    if gid is None:
+        raise RuntimeError(f"DDTree tree verify: layer {layer.layer_name} is in no KV-cache group")
+    return runner.input_batch.block_table[gid].get_device_tensor(runner.input_batch.num_reqs)
 
 
 def _request_slots(block_table_row: torch.Tensor, length: int, block_size: int) -> torch.Tensor:
@@ -596,7 +606,7 @@ class DDTreeRunnerState:
         self.last_entries = entries
         _set_current(TreeVerifyStep(entries, {e.req_index: e for e in entries}, rows=rows,
                                     starts=starts, prefix_lens=prefix, q_lens=q_lens,
-                                    visible=visible, depths=depths))
+                                    visible=visible, depths=depths, runner=runner))
 
     # -- step 4: sample, walk and commit -----------------------------------------------------
     def sample(self, logits: torch.Tensor, spec_decode_metadata, sampling_metadata) -> SamplerOutput:
