@@ -32,6 +32,33 @@ class TreeAttentionPlan:
     def num_requests(self) -> int:
         return self.slots.shape[0]
 
+    def rows(self, a: int, b: int) -> "TreeAttentionPlan":
+        """The plan of requests a..b-1 (keys trimmed to their longest sequence)."""
+        L = int(self.key_valid[a:b].any(dim=1).any(dim=0).nonzero().max()) + 1 if b > a else 1
+        return TreeAttentionPlan(self.slots[a:b, :L], self.key_pos[a:b, :L],
+                                 self.key_valid[a:b, :, :L], self.query_rows[a:b],
+                                 self.query_valid[a:b], self.query_pos[a:b])
+
+
+def paged_tree_attention_chunked(query: torch.Tensor, output: torch.Tensor, read_kv, plan:
+                                 TreeAttentionPlan, scale: float, sliding_window: int | None = None,
+                                 compute_dtype: torch.dtype | None = None,
+                                 max_kv_elements: int = 1 << 26) -> None:
+    """``tree_attention_batched`` + ``write_tree_rows`` over groups of requests, so that the gathered
+    K/V (expanded to the query heads) stay under ``max_kv_elements`` elements per group.
+
+    read_kv(slots [e, L]) -> (k, v) [e, L, H_kv, D] reads the cache in its own layout.
+    """
+    E = plan.num_requests
+    H, D = query.shape[1], query.shape[2]
+    per_request = max(1, plan.slots.shape[1] * H * D * 2)
+    group = max(1, max_kv_elements // per_request)
+    for a in range(0, E, group):
+        sub = plan if (a == 0 and group >= E) else plan.rows(a, min(E, a + group))
+        k, v = read_kv(sub.slots)
+        out = tree_attention_batched(query, k, v, sub, scale, sliding_window, compute_dtype)
+        write_tree_rows(output, out, sub)
+
 
 def plan_tree_attention(block_table: torch.Tensor, block_size: int, req_rows: torch.Tensor,
                         starts: torch.Tensor, prefix_lens: torch.Tensor, q_lens: torch.Tensor,

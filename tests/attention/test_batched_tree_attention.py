@@ -132,3 +132,21 @@ def test_move_rows_reads_all_before_writing(order):
 def test_bad_cache_layout_is_a_clear_error():
     with pytest.raises(ValueError, match="kv_cache"):
         paged_kv_rows(torch.zeros(2, 2, 16, 10), 8, torch.tensor([0]))
+
+
+def test_chunked_over_requests_equals_one_batch():
+    from ddtree.attention.batched import paged_tree_attention_chunked
+
+    prefixes, qlens = [0, 13, 40, 5, 70], [5, 9, 17, 1, 3]
+    cache, table, rows, starts, vis, depths, query, D, bs = _setup(7, "NHD", prefixes, qlens)
+    plan = plan_tree_attention(table, bs, rows, starts, torch.tensor(prefixes), torch.tensor(qlens),
+                               vis, depths)
+    k, v = paged_kv_rows(cache, D, plan.slots)
+    whole = torch.zeros_like(query)
+    write_tree_rows(whole, tree_attention_batched(query, k, v, plan, 0.25, 9,
+                                                  compute_dtype=torch.float32), plan)
+    for budget in (1, 3000, 1 << 30):  # one request per group, a few, all at once
+        chunked = torch.zeros_like(query)
+        paged_tree_attention_chunked(query, chunked, lambda s: paged_kv_rows(cache, D, s), plan, 0.25,
+                                     9, compute_dtype=torch.float32, max_kv_elements=budget)
+        torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)

@@ -143,8 +143,8 @@ def tree_attention_fixup(layer, query: torch.Tensor, kv_cache: torch.Tensor, att
     step = _CURRENT
     if step is None or not step.entries or not query.is_cuda or attn_metadata is None:
         return
-    from ddtree.attention.batched import (paged_kv_rows, plan_tree_attention,
-                                          tree_attention_batched, write_tree_rows)
+    from ddtree.attention.batched import (paged_kv_rows, paged_tree_attention_chunked,
+                                          plan_tree_attention)
 
     impl = layer.impl
     block_table = getattr(attn_metadata, "block_table", None)
@@ -158,10 +158,9 @@ def tree_attention_fixup(layer, query: torch.Tensor, kv_cache: torch.Tensor, att
                                    step.q_lens, step.visible, step.depths)
         step.attn_plans[key] = plan
     num_heads, head_size = impl.num_heads, impl.head_size
-    k, v = paged_kv_rows(kv_cache, head_size, plan.slots)
-    q3 = query.view(-1, num_heads, head_size)
-    out = tree_attention_batched(q3, k, v, plan, impl.scale, _window_of(impl))
-    write_tree_rows(output.view(-1, num_heads, head_size), out, plan)
+    paged_tree_attention_chunked(
+        query.view(-1, num_heads, head_size), output.view(-1, num_heads, head_size),
+        lambda slots: paged_kv_rows(kv_cache, head_size, slots), plan, impl.scale, _window_of(impl))
     step.gpu_attn_layers.append((kv_cache, plan))
 
 
