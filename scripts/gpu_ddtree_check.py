@@ -66,7 +66,8 @@ def run_one(cfg: dict) -> dict:
     llm = LLM(model=cfg["model"], enforce_eager=not cfg.get("graphs"), max_model_len=2048,
               language_model_only=True, enable_prefix_caching=False, seed=0, max_num_seqs=8,
               speculative_config=cfg.get("spec"), disable_log_stats=False,
-              logprobs_mode="processed_logits", max_logprobs=4, gpu_memory_utilization=0.5)
+              logprobs_mode="processed_logits", max_logprobs=4, gpu_memory_utilization=0.5,
+              additional_config={"gdn_prefill_backend": os.environ.get("GDN_PREFILL", "triton")})
     startup_s = time.monotonic() - t0
 
     def gen(prompts, max_tokens, logprobs=None):
@@ -115,7 +116,11 @@ def _tree_stats() -> dict:
     except ImportError:
         return {}
     for obj in gc.get_objects():
-        if isinstance(obj, DDTreeStats):
+        try:
+            found = type(obj) is DDTreeStats
+        except ReferenceError:  # dead weak proxies
+            continue
+        if found:
             return {"steps": obj.steps, "nodes_verified": obj.nodes_verified,
                     "nodes_wasted": obj.nodes_wasted, "sibling_taken": obj.sibling_taken,
                     "accepted_hist": {str(k): v for k, v in sorted(obj.accepted_hist.items())},
