@@ -92,6 +92,8 @@ def main() -> int:
     ap.add_argument("--reduced", action="store_true",
                     help="with --mini-shaped: a toy-sized model of the same family (CPU dry run)")
     ap.add_argument("--gpu-memory-utilization", type=float, default=None)
+    ap.add_argument("--cudagraph-capture-sizes", type=int, nargs="+", default=None,
+                    help="token counts to capture CUDA graphs for (default: vLLM's list)")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--block-length", type=int, default=32)
     ap.add_argument("--steps", type=int, default=8, help="denoising steps per block (fixed)")
@@ -122,6 +124,8 @@ def main() -> int:
         kw["gpu_memory_utilization"] = a.gpu_memory_utilization
     if a.mini_shaped:
         kw.update(load_format="dummy", skip_tokenizer_init=True)
+    if a.cudagraph_capture_sizes and not kw["enforce_eager"]:
+        kw["compilation_config"] = {"cudagraph_capture_sizes": a.cudagraph_capture_sizes}
     os.environ["VLLM_LLADA2_THRESHOLD"] = "1.0"  # fixed step count: never early-commit
     t0 = time.time()
     llm = LLM(**kw)

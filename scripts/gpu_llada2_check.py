@@ -14,13 +14,15 @@ Parts, each in its own process (a fresh engine and a clean GPU each time):
    not), per-request block length / threshold / max_steps, a stop token, 8 greedy and 4 seeded
    sampled (temperature, top-k, top-p) requests; all at once with 8 running (concurrency 8) and
    one by one (concurrency 1). On CUDA float32 rules FlashAttention out, so vLLM picks another
-   non-causal backend (logged). Expected: every request equal (Triton kernels may use TF32 on fp32
-   inputs; a rare flip at a near-tie would show as a divergence, reported with its position).
-3. ``equality`` bfloat16 with CUDA graphs (vLLM's default compile + PIECEWISE graphs; the LLaDA2
-   config hook downgrades full graphs, see llada2_block.py), FlashAttention with causal=False:
-   the same requests against the reference run in bf16. bf16 round-off differs between the two
-   implementations, so a divergence at a near-tie (argmax margin, confidence near the threshold)
-   is possible; each divergence is reported with its first position.
+   non-causal backend (logged in the part's log); ``TRITON_F32_DEFAULT=ieee`` keeps Triton's
+   float32 dots out of TF32. Gate: every request equal at both concurrencies.
+3. ``equality`` bfloat16 with vLLM's compile + PIECEWISE CUDA graphs (the LLaDA2 config hook
+   downgrades full graphs, see llada2_block.py) and FlashAttention with causal=False: the same
+   requests against the reference run in bf16 on the device. The two implementations round
+   differently, so a near-tie (argmax margin, confidence next to the threshold) can flip a token
+   and everything after it; each divergence is reported (request @ first differing position).
+   Gate (coarse, catches real defects, which corrupt nearly every request from its first block):
+   at least half of the requests identical and a mean matched-prefix fraction >= 0.5.
 4. ``bench``: benchmarks/bench_llada2.py --mini-shaped (LLaDA2.0-mini shapes, dummy weights made
    on the device, random routers) at concurrency 1 2 4 8 16 32, block 32, 8 fixed steps per block:
    throughput and tokens per forward.
@@ -95,6 +97,8 @@ def part_equality(args) -> dict:
               diffusion_config={"canvas_length": TINY_BLOCK}, enforce_eager=args.eager)
     if args.device == "cuda":
         kw["gpu_memory_utilization"] = 0.25
+        if not args.eager:  # steps here are <= 8 requests x 8 tokens
+            kw["compilation_config"] = {"cudagraph_capture_sizes": [1, 2, 4, 8, 16, 32, 64]}
     t0 = time.time()
     llm = LLM(**kw)
     startup = time.time() - t0
@@ -132,27 +136,47 @@ def part_equality(args) -> dict:
                      "equal_c8": got8 == want, "equal_c1": got1 == want,
                      "first_diff_c8": first_diff(got8, want), "first_diff_c1": first_diff(got1, want)})
     n = len(rows)
+
+    def agreement(key):  # mean fraction of the reference matched before the first divergence
+        fr = [1.0 if r[f"equal_{key}"] else (r[f"first_diff_{key}"] or 0) / max(len(r["reference"]), 1)
+              for r in rows]
+        return round(sum(fr) / len(fr), 3)
+
+    strict = all(r["equal_c8"] and r["equal_c1"] for r in rows)
+    agree = {"c8": agreement("c8"), "c1": agreement("c1")}
+    if args.dtype == "float32":
+        ok = strict
+    else:
+        # bf16: the two implementations round differently, so a near-tie (an argmax margin or a
+        # confidence next to the threshold) can flip a token. A real defect (mask, KV, positions)
+        # corrupts nearly every request from its first block; this coarse gate catches that.
+        ok = (min(sum(r["equal_c8"] for r in rows), sum(r["equal_c1"] for r in rows)) >= n / 2
+              and min(agree.values()) >= 0.5)
     return {"device": _device_name(args.device), "dtype": args.dtype, "eager": args.eager,
+            "strict_equal": strict, "prefix_agreement": agree,
             "block_length": TINY_BLOCK, "startup_s": round(startup, 1),
             "generate_s": {"concurrency_8": round(t_batched, 2), "concurrency_1": round(t_single, 2)},
             "equal_c8": sum(r["equal_c8"] for r in rows), "equal_c1": sum(r["equal_c1"] for r in rows),
-            "requests": n, "ok": all(r["equal_c8"] and r["equal_c1"] for r in rows), "rows": rows}
+            "requests": n, "ok": ok, "rows": rows}
 
 
 # ------------------------------------------------------------------------------------ driver
 
 
-def _run_part(name: str, argv: list[str], out: Path, timeout: float) -> dict:
-    """Run one part in a fresh process; its JSON lands in out/<name>.json, its log beside it."""
+def _run_part(name: str, argv: list[str], out: Path, timeout: float, deadline: float,
+              env: dict | None = None) -> dict:
+    """Run one part in a fresh process; its JSON lands in out/<name>.json, its log beside it.
+    The part gets at most ``timeout`` seconds and never runs past ``deadline``."""
     log = out / f"{name}.log"
     t0 = time.time()
+    timeout = max(5.0, min(timeout, deadline - t0))
     with log.open("w") as f:
         try:
             rc = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, cwd=REPO,
-                                timeout=timeout).returncode
+                                timeout=timeout, env=dict(os.environ, **(env or {}))).returncode
         except subprocess.TimeoutExpired:
             rc = "timeout"
-    doc = {"rc": rc, "wall_s": round(time.time() - t0, 1)}
+    doc = {"rc": rc, "wall_s": round(time.time() - t0, 1), "timeout_s": round(timeout)}
     js = out / f"{name}.json"
     if js.exists():
         doc["result"] = json.loads(js.read_text())
@@ -187,6 +211,9 @@ def main() -> int:
     ap.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     ap.add_argument("--eager", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--skip-bench", action="store_true")
+    ap.add_argument("--budget", type=float, default=None,
+                    help="seconds for everything (default 540 on cuda, 2400 on cpu); parts that "
+                         "would run past it are cut and reported")
     args = ap.parse_args()
     if args.device is None:
         import torch
@@ -211,17 +238,19 @@ def main() -> int:
     if args.quick:
         me.append("--quick")
     cpu = args.device == "cpu"
+    deadline = t0 + (args.budget or (2400 if cpu else 540))
     summary: dict = {"device": _device_name(args.device), "quick": args.quick, "parts": {}}
     parts = summary["parts"]
-    parts["env"] = _run_part("env", me + ["--part", "env"], out, 120)
-    # float32 eager: the strict check (no graphs; vLLM picks a float32-capable backend).
+    parts["env"] = _run_part("env", me + ["--part", "env"], out, 90, deadline)
+    # float32 eager: the strict check (no graphs; vLLM picks a float32-capable backend). Triton
+    # would run float32 dots in TF32 by default: IEEE keeps the engine at float32 round-off.
     parts["equality_float32"] = _run_part(
         "equality_float32", me + ["--part", "equality", "--dtype", "float32", "--eager"], out,
-        600 if cpu else 150)
+        600 if cpu else 110, deadline, env={"TRITON_F32_DEFAULT": "ieee"})
     # bf16 with vLLM's compile + CUDA graphs (eager on CPU, where vLLM has no graphs anyway).
     parts["equality_bfloat16"] = _run_part(
         "equality_bfloat16", me + ["--part", "equality", "--dtype", "bfloat16"]
-        + (["--eager"] if cpu else []), out, 600 if cpu else 180)
+        + (["--eager"] if cpu else []), out, 600 if cpu else 150, deadline)
     if not args.skip_bench:
         bench = [sys.executable, str(REPO / "benchmarks" / "bench_llada2.py"), "--mini-shaped",
                  "--out", str(out / "bench_mini.json")]
@@ -232,7 +261,10 @@ def main() -> int:
             bench += ["--concurrency", "1", "2", "4", "8", "16", "32", "--prompt-len", "100",
                       "--max-tokens", "128", "--block-length", "32", "--steps", "8",
                       "--dtype", "bfloat16"]
-        parts["bench"] = _run_part("bench_mini", bench, out, 900 if cpu else 300)
+            # every step of this run is <= 32 requests x 32 tokens: capture just these sizes
+            bench += ["--cudagraph-capture-sizes", "1", "2", "4", "8", "16", "32", "64", "128",
+                      "256", "512", "1024"]
+        parts["bench"] = _run_part("bench_mini", bench, out, 900 if cpu else 300, deadline)
     summary["total_s"] = round(time.time() - t0, 1)
 
     lines = [f"# LLaDA2 block decode check on {summary['device']}", "",
@@ -251,11 +283,13 @@ def main() -> int:
             lines.append(f"| {key} | | | | | | FAILED rc={parts[key]['rc']} (see {key}.log) |")
             ok = False
             continue
-        verdict = "PASS" if r["ok"] else "DIVERGED (first diffs: " + ", ".join(
-            f"req{i}@{row['first_diff_c8']}/{row['first_diff_c1']}"
-            for i, row in enumerate(r["rows"]) if not (row["equal_c8"] and row["equal_c1"])) + ")"
-        if key == "equality_float32":
-            ok = ok and r["ok"]
+        diffs = ", ".join(f"req{i}@{row['first_diff_c8']}/{row['first_diff_c1']}"
+                          for i, row in enumerate(r["rows"])
+                          if not (row["equal_c8"] and row["equal_c1"]))
+        verdict = ("PASS" if r["strict_equal"] else
+                   ("AGREE" if r["ok"] else "FAIL") + f" (prefix agreement {r['prefix_agreement']};"
+                   f" first diffs c8/c1: {diffs})")
+        ok = ok and r["ok"]
         lines.append(f"| engine == reference | {r['dtype']} | {'no' if r['eager'] else 'yes'} | "
                      f"{r['equal_c8']}/{r['requests']} | {r['equal_c1']}/{r['requests']} | "
                      f"{r['startup_s']} | {verdict} |")
