@@ -160,10 +160,18 @@ def denoise_step(tokens: torch.Tensor, logits: torch.Tensor, *, mask_token_id: i
 
     Returns the new tokens (a copy). ``uniforms`` [n] are the step's uniforms for these positions.
     """
-    masked = tokens == mask_token_id
-    if not bool(masked.any()):
+    if not bool((tokens == mask_token_id).any()):
         return tokens.clone()
     x0, conf = propose(logits, mask_token_id, sampling, uniforms)
+    return apply_unmask(tokens, x0, conf, mask_token_id=mask_token_id, threshold=threshold,
+                        min_transfer=min_transfer)
+
+
+def apply_unmask(tokens: torch.Tensor, x0: torch.Tensor, conf: torch.Tensor, *, mask_token_id: int,
+                 threshold: float, min_transfer: int) -> torch.Tensor:
+    """The unmask half of ``denoise_step``, given the proposals (the engine batches ``propose``
+    over the greedy requests of a step and applies this per request)."""
+    masked = tokens == mask_token_id
     pick = choose_unmask(masked, conf, threshold, min_transfer)
     out = tokens.clone()
     out[pick] = x0[pick]

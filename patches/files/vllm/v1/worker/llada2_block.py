@@ -202,7 +202,10 @@ class LLaDA2BlockDiffusionConfig:
             cache.enable_prefix_caching = False
         sched = vllm_config.scheduler_config
         if sched is not None:
-            if getattr(sched, "async_scheduling", False):
+            # Unset (None) means "on where supported" to vLLM, decided later in VllmConfig:
+            # on GPU that would be on. The canvas must come back from step n before step n+1
+            # is scheduled, so it is off, explicitly.
+            if getattr(sched, "async_scheduling", None) is not False:
                 logger.info("LLaDA2 block decode: disabling async scheduling")
                 sched.async_scheduling = False
             budget = sched.max_num_batched_tokens
@@ -364,6 +367,35 @@ class LLaDA2BlockDecoder:
             self._settings[req_id] = s
         return s
 
+    def _greedy_proposals(self, runner, logits, live) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Argmax + confidence for every canvas row of the step's greedy requests in one pass and
+        one device-to-host copy (per-request calls would sync once per request). Rows are
+        independent, so each request gets exactly what ``propose`` gives it alone."""
+        from ddtree.llada2.denoise import SamplingSettings, propose
+
+        spans, reqs = [], []
+        for req_id, r in self._rows.items():
+            if req_id in live and self.sampling(runner, req_id)[0].greedy:
+                spans.append((r.logits_row, r.num_rows))
+                reqs.append(req_id)
+        if not reqs:
+            return {}
+        mask_ids = {self.settings(runner, q).mask_token_id for q in reqs}
+        if len(mask_ids) != 1:
+            return {}
+        if len(spans) == 1 or all(spans[j][0] + spans[j][1] == spans[j + 1][0]
+                                  for j in range(len(spans) - 1)):
+            rows = logits[spans[0][0]:spans[-1][0] + spans[-1][1]]  # contiguous: no gather
+        else:
+            idx = torch.cat([torch.arange(a, a + n) for a, n in spans]).to(logits.device)
+            rows = logits.index_select(0, idx)
+        x0, conf = propose(rows, mask_ids.pop(), SamplingSettings())
+        out, at = {}, 0
+        for req_id, (_, n) in zip(reqs, spans):
+            out[req_id] = (x0[at:at + n], conf[at:at + n])
+            at += n
+        return out
+
     def sampling(self, runner, req_id: str):
         """(sampling settings, seed) of a request; an unseeded sampled request gets a seed from
         torch's global generator once (vLLM seeds that from ``--seed``)."""
@@ -408,6 +440,7 @@ class LLaDA2BlockDecoder:
                 self._settings.pop(req_id, None)
                 self._sampling.pop(req_id, None)
                 self._steps.pop(req_id, None)
+        greedy = self._greedy_proposals(runner, logits, live)
         for req_id, r in self._rows.items():
             if req_id not in live:
                 continue
@@ -432,8 +465,16 @@ class LLaDA2BlockDecoder:
                 uniforms = step_uniforms(seed, r.block_start, done, s.block_length)[
                     offset:offset + r.num_rows]
             before = canvas
-            canvas = unmask_step(canvas, logits[r.logits_row:r.logits_row + r.num_rows],
-                                 s.mask_token_id, s.threshold, need, sampling, uniforms)
+            if req_id in greedy:
+                from ddtree.llada2.denoise import apply_unmask
+
+                x0, conf = greedy[req_id]
+                canvas = apply_unmask(torch.from_numpy(canvas.astype(np.int64)), x0, conf,
+                                      mask_token_id=s.mask_token_id, threshold=s.threshold,
+                                      min_transfer=need).numpy().astype(canvas.dtype)
+            else:
+                canvas = unmask_step(canvas, logits[r.logits_row:r.logits_row + r.num_rows],
+                                     s.mask_token_id, s.threshold, need, sampling, uniforms)
             if _DEBUG:
                 logger.info("llada2 %s c=%d N=%d rows=%d step=%d need=%d %s -> %s", req_id,
                             r.block_start, r.committed, r.num_rows, done, need,
