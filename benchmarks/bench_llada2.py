@@ -66,7 +66,10 @@ def spread_router(worker) -> int:
     import torch
     n = 0
     g = torch.Generator(device="cpu").manual_seed(0)
-    for name, mod in worker.model_runner.model.named_modules():
+    runner = worker.model_runner
+    model = runner.get_model() if hasattr(runner, "get_model") else runner.model
+    model = model.unwrap() if hasattr(model, "unwrap") else model  # a full-graph wrapper
+    for name, mod in model.named_modules():
         if name.endswith("mlp.gate") and hasattr(mod, "weight"):
             w = torch.randn(mod.weight.shape, generator=g) * 4.0
             mod.weight.data.copy_(w.to(mod.weight.device, mod.weight.dtype))

@@ -8,8 +8,8 @@ Parts, each in its own process (a fresh engine and a clean GPU each time):
 
 1. ``env``: device, versions, and the vLLM overlays of this checkout on the imported vllm (checked;
    applied first when the installed copy is stale, e.g. a bundle installed before this branch).
-2. ``equality`` float32, eager: the tiny random LLaDA2 (scripts/tiny_llada2.py, peaked logits, made
-   here in seconds) through ``LLM.generate`` vs the plain-torch reference ``generate()`` on the same
+2. ``equality`` float32, eager: the tiny random LLaDA2 (scripts/tiny_llada2.py with head_dim 64,
+   peaked logits, made here in seconds) through ``LLM.generate`` vs the plain-torch reference ``generate()`` on the same
    device, token for token, for 12 requests: prompt lengths 1..24 around block 8 (block-aligned and
    not), per-request block length / threshold / max_steps, a stop token, 8 greedy and 4 seeded
    sampled (temperature, top-k, top-p) requests; all at once with 8 running (concurrency 8) and
@@ -90,7 +90,8 @@ def part_equality(args) -> dict:
     from ddtree.llada2.reference import LLaDA2Reference
     from tests.llada2.engine_check import batch_requests, reference_tokens
 
-    model = tiny_llada2.make(REPO / "build" / "tiny-llada2")
+    # head_dim 64 (the CPU tests' tiny model has 32): a head size every FlashAttention build has
+    model = tiny_llada2.make(REPO / "build" / "tiny-llada2-hd64", overrides={"head_dim": 64})
     cfg = json.loads((model / "config.json").read_text())
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     kw = dict(model=str(model), dtype=args.dtype, max_model_len=512, seed=0, max_num_seqs=8,
@@ -212,7 +213,7 @@ def main() -> int:
     ap.add_argument("--eager", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--skip-bench", action="store_true")
     ap.add_argument("--budget", type=float, default=None,
-                    help="seconds for everything (default 540 on cuda, 2400 on cpu); parts that "
+                    help="seconds for everything (default 420 on cuda, 2400 on cpu); parts that "
                          "would run past it are cut and reported")
     args = ap.parse_args()
     if args.device is None:
@@ -238,7 +239,7 @@ def main() -> int:
     if args.quick:
         me.append("--quick")
     cpu = args.device == "cpu"
-    deadline = t0 + (args.budget or (2400 if cpu else 540))
+    deadline = t0 + (args.budget or (2400 if cpu else 420))
     summary: dict = {"device": _device_name(args.device), "quick": args.quick, "parts": {}}
     parts = summary["parts"]
     parts["env"] = _run_part("env", me + ["--part", "env"], out, 90, deadline)
