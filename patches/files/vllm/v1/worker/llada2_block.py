@@ -166,6 +166,11 @@ def _configure_attention_and_graphs(vllm_config: "VllmConfig") -> None:
         attention.use_non_causal = True
         logger.info("LLaDA2 block decode: non-causal block attention; attention backend "
                     "auto-selection limited to backends that support it (use_non_causal=True)")
+    model_config = vllm_config.model_config
+    if model_config is not None and not getattr(model_config, "disable_cascade_attn", True):
+        # FlashAttention's cascade path runs the per-request suffix with causal=True.
+        logger.info("LLaDA2 block decode: disabling cascade attention")
+        model_config.disable_cascade_attn = True
     if not current_platform.support_static_graph_mode():
         return
     from vllm.config.compilation import CUDAGraphMode
