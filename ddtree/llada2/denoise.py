@@ -102,7 +102,7 @@ def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tenso
 
 def sampling_probs(logits: torch.Tensor, mask_token_id: int, s: SamplingSettings) -> torch.Tensor:
     """The distribution each position samples from (fp32 [n, vocab]); greedy: plain softmax."""
-    z = logits.float().clone()
+    z = logits.to(torch.float32, copy=True)
     z[:, mask_token_id] = float("-inf")
     if s.greedy:
         return torch.softmax(z, dim=-1)
@@ -116,7 +116,7 @@ def propose(logits: torch.Tensor, mask_token_id: int, s: SamplingSettings,
     ``uniforms`` (float64 [n], CPU) are required when sampling; ignored when greedy.
     """
     if s.greedy:
-        z = logits.float().clone()
+        z = logits.to(torch.float32, copy=True)  # one copy whatever the logits' dtype
         z[:, mask_token_id] = float("-inf")
         x0 = z.argmax(-1)  # on the logits: softmax can round two close logits to one probability
         probs = torch.softmax(z, dim=-1)
