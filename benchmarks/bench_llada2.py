@@ -4,11 +4,12 @@
     python benchmarks/bench_llada2.py --model build/tiny-llada2 --concurrency 1 2 4 8
     python benchmarks/bench_llada2.py --mini-shaped --concurrency 1 2 4 8 16 32   # GPU
 
-``--mini-shaped`` builds a random checkpoint with LLaDA2.0-mini's shapes (20 layers, hidden 2048,
-256 experts top-8, vocab 157184; bf16) so the forward cost is real. Random weights never reach the
-0.95 threshold, so the benchmark fixes the step count instead: threshold 1.0 and ``--steps`` steps
-per block (block_length / steps tokens per denoising forward). Prints a table and saves JSON under
-benchmarks/results/<device>/.
+``--mini-shaped`` serves LLaDA2.0-mini's shapes (20 layers, hidden 2048, 256 experts top-8, vocab
+157184; bf16) with vLLM's dummy weights made on the device (a config-only folder; seconds, not a
+32 GB checkpoint) and random routers, so the forward cost is real; ``--reduced`` shrinks the same
+family for a CPU dry run. Random weights never reach the 0.95 threshold, so the benchmark fixes the
+step count instead: threshold 1.0 and ``--steps`` steps per block (block_length / steps tokens per
+denoising forward). Prints a table and saves JSON under benchmarks/results/<device>/ (or --out).
 """
 
 from __future__ import annotations
@@ -33,57 +34,49 @@ MINI = dict(hidden_size=2048, intermediate_size=5120, num_hidden_layers=20, num_
             rope_theta=600000.0, rms_norm_eps=1e-6, max_position_embeddings=16384)
 
 
-def make_mini_shaped(out: Path) -> Path:
-    """Random LLaDA2.0-mini-shaped checkpoint (bf16, ~32 GB) written shard by shard."""
-    import torch
-    from safetensors.torch import save_file
-    if (out / "config.json").exists():
-        return out
+# The same family at toy size: a CPU dry run of the --mini-shaped path (dummy weights, no tokenizer).
+REDUCED = dict(MINI, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_experts=16,
+               num_experts_per_tok=4, n_group=4, topk_group=2, moe_intermediate_size=64)
+MINI_VOCAB, REDUCED_VOCAB = 157184, 4096
+
+
+def make_shaped_config(out: Path, reduced: bool = False) -> Path:
+    """A config-only LLaDA2.0-mini-shaped checkpoint folder: vLLM makes the weights itself on the
+    device (``load_format="dummy"``), so nothing of the ~32 GB bf16 model is written or read."""
+    shape, vocab = (REDUCED, REDUCED_VOCAB) if reduced else (MINI, MINI_VOCAB)
     out.mkdir(parents=True, exist_ok=True)
-    vocab, h = 157184, MINI["hidden_size"]
-    g = torch.Generator().manual_seed(0)
-
-    def rnd(*shape, std=0.02):
-        return (torch.randn(*shape, generator=g) * std).to(torch.bfloat16)
-
-    shards = {"model-emb.safetensors": {"model.word_embeddings.weight": rnd(vocab, h),
-                                        "lm_head.weight": rnd(vocab, h),
-                                        "model.norm.weight": torch.ones(h, dtype=torch.bfloat16)}}
-    H, KV, D = MINI["num_attention_heads"], MINI["num_key_value_heads"], MINI["head_dim"]
-    for i in range(MINI["num_hidden_layers"]):
-        p, w = f"model.layers.{i}", {}
-        w[f"{p}.input_layernorm.weight"] = torch.ones(h, dtype=torch.bfloat16)
-        w[f"{p}.post_attention_layernorm.weight"] = torch.ones(h, dtype=torch.bfloat16)
-        w[f"{p}.attention.query_key_value.weight"] = rnd((H + 2 * KV) * D, h)
-        w[f"{p}.attention.query_layernorm.weight"] = torch.ones(D, dtype=torch.bfloat16)
-        w[f"{p}.attention.key_layernorm.weight"] = torch.ones(D, dtype=torch.bfloat16)
-        w[f"{p}.attention.dense.weight"] = rnd(h, H * D)
-        if i < MINI["first_k_dense_replace"]:
-            I = MINI["intermediate_size"]
-            for n, shp in (("gate_proj", (I, h)), ("up_proj", (I, h)), ("down_proj", (h, I))):
-                w[f"{p}.mlp.{n}.weight"] = rnd(*shp)
-        else:
-            E, I = MINI["num_experts"], MINI["moe_intermediate_size"]
-            w[f"{p}.mlp.gate.weight"] = rnd(E, h).float()
-            w[f"{p}.mlp.gate.expert_bias"] = torch.zeros(E)
-            for e in range(E):
-                for n, shp in (("gate_proj", (I, h)), ("up_proj", (I, h)), ("down_proj", (h, I))):
-                    w[f"{p}.mlp.experts.{e}.{n}.weight"] = rnd(*shp)
-            for n, shp in (("gate_proj", (I, h)), ("up_proj", (I, h)), ("down_proj", (h, I))):
-                w[f"{p}.mlp.shared_experts.{n}.weight"] = rnd(*shp)
-        shards[f"model-{i:02d}.safetensors"] = w
-    index = {"metadata": {}, "weight_map": {}}
-    for name, w in shards.items():
-        save_file(w, out / name, metadata={"format": "pt"})
-        index["weight_map"].update({k: name for k in w})
-    (out / "model.safetensors.index.json").write_text(json.dumps(index))
     cfg = {"architectures": ["LLaDA2MoeModelLM"], "model_type": "llada2_moe", "vocab_size": vocab,
            "hidden_act": "silu", "use_qkv_bias": False, "use_bias": False, "use_qk_norm": True,
            "tie_word_embeddings": False, "score_function": "sigmoid", "router_dtype": "fp32",
-           "moe_router_enable_expert_bias": True, "mask_token_id": 156895,
-           "eos_token_id": 156892, "pad_token_id": 156892, "dtype": "bfloat16", **MINI}
+           "moe_router_enable_expert_bias": True, "norm_topk_prob": True,
+           # the released checkpoints' ids (mask 156895, EOS 156892); the reduced vocab's last ids
+           "mask_token_id": 156895 if not reduced else vocab - 2,
+           "eos_token_id": 156892 if not reduced else vocab - 3,
+           "pad_token_id": 156892 if not reduced else vocab - 3,
+           "dtype": "bfloat16", "torch_dtype": "bfloat16", **shape}
     (out / "config.json").write_text(json.dumps(cfg, indent=2))
     return out
+
+
+def spread_router(worker) -> int:
+    """Dummy weights are tiny uniform values, so the expert bias would pick the same experts for
+    every token; real routing spreads tokens over experts. Give each router N(0, 4) weights and a
+    zero bias (in place: CUDA graphs keep their addresses). Runs inside the worker."""
+    import torch
+    n = 0
+    g = torch.Generator(device="cpu").manual_seed(0)
+    runner = worker.model_runner
+    model = runner.get_model() if hasattr(runner, "get_model") else runner.model
+    model = model.unwrap() if hasattr(model, "unwrap") else model  # a full-graph wrapper
+    for name, mod in model.named_modules():
+        if name.endswith("mlp.gate") and hasattr(mod, "weight"):
+            w = torch.randn(mod.weight.shape, generator=g) * 4.0
+            mod.weight.data.copy_(w.to(mod.weight.device, mod.weight.dtype))
+            if getattr(mod, "expert_bias", None) is not None:
+                mod.expert_bias.data.zero_()
+            n += 1
+    return n
 
 
 def device_name() -> tuple[str, str]:
@@ -99,6 +92,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path)
     ap.add_argument("--mini-shaped", action="store_true")
+    ap.add_argument("--reduced", action="store_true",
+                    help="with --mini-shaped: a toy-sized model of the same family (CPU dry run)")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=None)
+    ap.add_argument("--cudagraph-capture-sizes", type=int, nargs="+", default=None,
+                    help="token counts to capture CUDA graphs for (default: vLLM's list)")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 2, 4, 8])
     ap.add_argument("--block-length", type=int, default=32)
     ap.add_argument("--steps", type=int, default=8, help="denoising steps per block (fixed)")
@@ -109,7 +107,8 @@ def main() -> int:
     ap.add_argument("--out", type=Path)
     a = ap.parse_args()
     if a.mini_shaped:
-        model = make_mini_shaped(a.model or REPO / "build" / "llada2-mini-shaped")
+        model = make_shaped_config(a.model or REPO / "build" / (
+            "llada2-mini-shaped" + ("-reduced" if a.reduced else "")), a.reduced)
     else:
         import tiny_llada2
         model = a.model or tiny_llada2.make(REPO / "build" / "tiny-llada2")
@@ -124,14 +123,24 @@ def main() -> int:
               enforce_eager=a.enforce_eager or "cpu" in dev_dir, disable_log_stats=False)
     if a.dtype:
         kw["dtype"] = a.dtype
+    if a.gpu_memory_utilization:
+        kw["gpu_memory_utilization"] = a.gpu_memory_utilization
+    if a.mini_shaped:
+        kw.update(load_format="dummy", skip_tokenizer_init=True)
+    if a.cudagraph_capture_sizes and not kw["enforce_eager"]:
+        kw["compilation_config"] = {"cudagraph_capture_sizes": a.cudagraph_capture_sizes}
     os.environ["VLLM_LLADA2_THRESHOLD"] = "1.0"  # fixed step count: never early-commit
     t0 = time.time()
     llm = LLM(**kw)
     startup = time.time() - t0
+    if a.mini_shaped:
+        print("routers re-initialised:", llm.collective_rpc(spread_router)[0])
+    detok = not a.mini_shaped
     vocab = 1000
     rows = []
     llm.generate([TokensPrompt(prompt_token_ids=list(range(5, 5 + a.prompt_len)))],
-                 SamplingParams(max_tokens=a.block_length, temperature=0, ignore_eos=True))
+                 SamplingParams(max_tokens=a.block_length, temperature=0, ignore_eos=True,
+                                detokenize=detok))
     def counters() -> dict[str, float]:
         # The block decoder's own counters, read from the worker (the offline LLM records
         # Prometheus stats only on steps that emit output, so /metrics-style counters undercount
@@ -145,7 +154,8 @@ def main() -> int:
         before = counters()
         prompts = [TokensPrompt(prompt_token_ids=[(7 * i + 13 * j) % vocab + 5
                                                   for j in range(a.prompt_len)]) for i in range(c)]
-        sp = SamplingParams(max_tokens=a.max_tokens, temperature=0, ignore_eos=True)
+        sp = SamplingParams(max_tokens=a.max_tokens, temperature=0, ignore_eos=True,
+                            detokenize=detok)
         t = time.time()
         outs = llm.generate(prompts, sp, use_tqdm=False)
         dt = time.time() - t
@@ -173,11 +183,18 @@ def main() -> int:
         print(f"{r['concurrency']:>5} {r['tokens_per_s']:>9.1f} {r['scaling_vs_1']:>6.2f} "
               f"{r['tokens_per_denoising_forward']:>8.2f} {r['denoising_steps_per_block']:>9.2f} "
               f"{r['seconds']:>8.2f}")
+    label = ("mini-reduced" if a.reduced else "mini") if a.mini_shaped else "tiny"
     out = a.out or REPO / "benchmarks" / "results" / dev_dir / (
-        f"llada2_{'mini' if a.mini_shaped else 'tiny'}_b{a.block_length}_s{a.steps}.json")
+        f"llada2_{label}_b{a.block_length}_s{a.steps}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"device": dev_name, "model": str(model), "args": vars(a) | {
-        "model": str(a.model), "out": str(a.out)}, "startup_s": startup, "rows": rows}, indent=2))
+    import torch
+    import vllm
+    out.write_text(json.dumps({"device": dev_name, "model": str(model), "model_label": label,
+                               "weights": "vllm dummy + N(0,4) routers" if a.mini_shaped
+                               else "tiny random checkpoint",
+                               "torch": torch.__version__, "vllm": vllm.__version__,
+                               "args": vars(a) | {"model": str(a.model), "out": str(a.out)},
+                               "startup_s": startup, "rows": rows}, indent=2))
     print("saved", out)
     return 0
 

@@ -85,7 +85,7 @@ def make_weights(cfg: dict, vocab: int, seed: int):
     return w
 
 
-def make_checkpoint(out: Path, seed: int = 0) -> Path:
+def make_checkpoint(out: Path, seed: int = 0, overrides: dict | None = None) -> Path:
     from safetensors.torch import save_file
     from transformers import AutoTokenizer
 
@@ -98,7 +98,8 @@ def make_checkpoint(out: Path, seed: int = 0) -> Path:
     mask_id = tok.convert_tokens_to_ids(tm.MASK_TOKEN)
     eos_id = tok.convert_tokens_to_ids(tm.EOS_TOKEN)
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in make_weights(CONFIG, vocab, seed).items()},
+    shape = dict(CONFIG, **(overrides or {}))
+    save_file({k: v.contiguous() for k, v in make_weights(shape, vocab, seed).items()},
               out / "model.safetensors", metadata={"format": "pt"})
     config = {
         "architectures": ["LLaDA2MoeModelLM"],
@@ -118,7 +119,7 @@ def make_checkpoint(out: Path, seed: int = 0) -> Path:
         "pad_token_id": eos_id,
         "torch_dtype": "float32",
         "dtype": "float32",
-        **CONFIG,
+        **shape,
     }
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "generation_config.json").write_text(json.dumps(
@@ -128,15 +129,19 @@ def make_checkpoint(out: Path, seed: int = 0) -> Path:
     return out
 
 
-def make(out: Path, seed: int = 0, force: bool = False) -> Path:
-    """Create the checkpoint under ``out`` unless it is already there for this generator version."""
+def make(out: Path, seed: int = 0, force: bool = False, overrides: dict | None = None) -> Path:
+    """Create the checkpoint under ``out`` unless it is already there for this generator version.
+
+    ``overrides`` change CONFIG entries (e.g. ``{"head_dim": 64}`` for a GPU attention kernel
+    that wants a common head size)."""
     stamp = out / ".stamp"
     here = Path(__file__).resolve().parent
     want = hashlib.sha256(Path(__file__).read_bytes() + (here / "tiny_models.py").read_bytes()
-                          + str(seed).encode()).hexdigest()
+                          + str(seed).encode()
+                          + json.dumps(overrides or {}, sort_keys=True).encode()).hexdigest()
     if not force and stamp.exists() and stamp.read_text() == want:
         return out
-    make_checkpoint(out, seed)
+    make_checkpoint(out, seed, overrides)
     stamp.write_text(want)
     return out
 

@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .denoise import SamplingSettings, denoise_step, step_uniforms, transfer_schedule  # noqa: F401
+
 DEFAULT_MASK_TOKEN_ID = 156895
 DEFAULT_EOS_TOKEN_ID = 156892
 
@@ -89,7 +91,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def rope_cos_sin(positions: torch.Tensor, rotary_dim: int, theta: float, dtype: torch.dtype):
-    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32) / rotary_dim))
+    inv_freq = 1.0 / (theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float32,
+                                             device=positions.device) / rotary_dim))
     freqs = positions.float()[:, None] * inv_freq[None, :]
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos().to(dtype), emb.sin().to(dtype)
@@ -104,9 +107,9 @@ def apply_partial_neox_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
     return torch.cat([rot * cos + rotated * sin, rest], dim=-1)
 
 
-def block_causal_mask(seq_len: int, block_length: int) -> torch.Tensor:
+def block_causal_mask(seq_len: int, block_length: int, device=None) -> torch.Tensor:
     """Boolean [seq, seq]: query i may see key j iff block(j) <= block(i) (blocks from position 0)."""
-    blk = torch.arange(seq_len) // block_length
+    blk = torch.arange(seq_len, device=device) // block_length
     return blk[None, :] <= blk[:, None]
 
 
@@ -133,23 +136,26 @@ def route(scores_logits: torch.Tensor, expert_bias: torch.Tensor, cfg: LLaDA2Con
 class LLaDA2Reference:
     """The forward of ``LLaDA2MoeModelLM`` over one full sequence with an explicit mask."""
 
-    def __init__(self, cfg: LLaDA2Config, weights: dict[str, torch.Tensor], dtype=torch.float32):
+    def __init__(self, cfg: LLaDA2Config, weights: dict[str, torch.Tensor], dtype=torch.float32,
+                 device: str | torch.device = "cpu"):
         self.cfg = cfg
         self.dtype = dtype
-        self.w = {k: v.to(dtype) for k, v in weights.items()}
+        self.device = torch.device(device)
+        self.w = {k: v.to(self.device, dtype) for k, v in weights.items()}
         for k, v in weights.items():  # the router runs in fp32 whatever the model dtype
             if k.endswith("mlp.gate.weight") or k.endswith("mlp.gate.expert_bias"):
-                self.w[k] = v.float()
+                self.w[k] = v.to(self.device, torch.float32)
 
     @classmethod
-    def from_pretrained(cls, folder: str | Path, dtype=torch.float32) -> "LLaDA2Reference":
+    def from_pretrained(cls, folder: str | Path, dtype=torch.float32,
+                        device: str | torch.device = "cpu") -> "LLaDA2Reference":
         from safetensors.torch import load_file
         folder = Path(folder)
         cfg = LLaDA2Config.from_dict(json.loads((folder / "config.json").read_text()))
         weights = {}
         for f in sorted(folder.glob("*.safetensors")):
             weights.update(load_file(f))
-        return cls(cfg, weights, dtype)
+        return cls(cfg, weights, dtype, device)
 
     def _mlp(self, x, prefix):
         w = self.w
@@ -159,9 +165,9 @@ class LLaDA2Reference:
     def _moe(self, x, prefix):
         cfg = self.cfg
         logits = F.linear(x.float(), self.w[f"{prefix}.gate.weight"])
-        bias = self.w.get(f"{prefix}.gate.expert_bias", torch.zeros(cfg.num_experts))
+        bias = self.w.get(f"{prefix}.gate.expert_bias", torch.zeros(cfg.num_experts, device=x.device))
         ids, weights = route(logits, bias, cfg)
-        out = torch.zeros(x.shape, dtype=torch.float32)
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         for e in ids.unique().tolist():
             tok, slot = (ids == e).nonzero(as_tuple=True)
             y = self._mlp(x[tok], f"{prefix}.experts.{e}")
@@ -196,10 +202,11 @@ class LLaDA2Reference:
                 positions: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids [T] -> logits [T, vocab] (fp32) under the block-causal mask."""
         cfg, w = self.cfg, self.w
+        input_ids = input_ids.to(self.device)
         T = input_ids.shape[0]
-        if positions is None:
-            positions = torch.arange(T)
-        allowed = block_causal_mask(T, block_length)
+        positions = torch.arange(T) if positions is None else positions
+        positions = positions.to(self.device)
+        allowed = block_causal_mask(T, block_length, self.device)
         cos, sin = rope_cos_sin(positions, cfg.rotary_dim, cfg.rope_theta, self.dtype)
         h = w["model.word_embeddings.weight"][input_ids]
         for i in range(cfg.num_hidden_layers):
@@ -214,12 +221,6 @@ class LLaDA2Reference:
         return F.linear(h, w["lm_head.weight"]).float()
 
 
-def transfer_schedule(block_length: int, steps: int) -> list[int]:
-    """How many positions each step must at least unmask: block_length split evenly over steps."""
-    base, rem = divmod(block_length, steps)
-    return [base + (1 if i < rem else 0) for i in range(steps)]
-
-
 @dataclass
 class GenerateResult:
     tokens: list[int]          # generated tokens (truncated at max_new_tokens and after the first EOS)
@@ -231,14 +232,21 @@ class GenerateResult:
 def generate(model: LLaDA2Reference, prompt: list[int], *, max_new_tokens: int,
              block_length: int = 32, threshold: float = 0.95, steps: int | None = None,
              mask_token_id: int = DEFAULT_MASK_TOKEN_ID, eos_token_id: int | None = DEFAULT_EOS_TOKEN_ID,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
              ) -> GenerateResult:
-    """Greedy block-diffusion decoding, full recompute (the LLaDA2.0 low-confidence remasking rule).
+    """Block-diffusion decoding, full recompute (the LLaDA2.0 low-confidence remasking rule).
 
     Blocks are aligned to absolute position 0; the first generated block holds the prompt tail. In
-    step k of a block every still-masked position whose argmax probability exceeds ``threshold`` is
-    unmasked; if fewer than ``schedule[k]`` qualify, the ``schedule[k]`` most confident are unmasked
-    instead (``schedule`` splits the block over ``steps``; with steps == block_length that is "at
-    least one"). The mask token is excluded from the prediction, so every block ends unmasked. Decoding stops after the block that holds an EOS; tokens after it are dropped.
+    step k of a block every position still masked gets a proposal and a confidence
+    (``denoise.propose``: the argmax and its probability at temperature 0, else a token drawn from
+    softmax(logits / temperature) after top-k / top-p, with its probability there); every masked
+    position whose confidence exceeds ``threshold`` is unmasked; if fewer than ``schedule[k]``
+    qualify, the ``schedule[k]`` most confident are unmasked instead (``schedule`` splits the block
+    over ``steps``; with steps == block_length that is "at least one"). The mask token is never
+    proposed, so every block ends unmasked. Decoding stops after the block that holds an EOS; tokens
+    after it are dropped. Sampling draws its uniforms per (seed, block, step) (``denoise``), so
+    the vLLM engine reproduces a seeded request token for token; ``seed=None`` picks one from
+    torch's global generator.
     """
     if not (0.0 < threshold <= 1.0):
         raise ValueError(f"threshold must be in (0, 1], got {threshold}")
@@ -247,6 +255,9 @@ def generate(model: LLaDA2Reference, prompt: list[int], *, max_new_tokens: int,
     steps = block_length if steps is None else steps
     if steps <= 0:
         raise ValueError(f"steps must be positive, got {steps}")
+    sampling = SamplingSettings(temperature, top_k, top_p, seed)
+    if not sampling.greedy and seed is None:
+        seed = int(torch.randint(0, 2**62, (1,)).item())
     schedule = transfer_schedule(block_length, steps)
     P = len(prompt)
     total = P + max_new_tokens
@@ -258,27 +269,15 @@ def generate(model: LLaDA2Reference, prompt: list[int], *, max_new_tokens: int,
         start, end = b * block_length, (b + 1) * block_length
         n_steps = 0
         for k in range(steps):
-            masked = x[start:end] == mask_token_id
-            if not masked.any():
+            if not (x[start:end] == mask_token_id).any():
                 break
             logits = model.forward(x[:end], block_length)[start:end]
-            # the mask token is never predicted (else a position could stay masked for good)
-            logits[:, mask_token_id] = float("-inf")
             forwards += 1
             n_steps += 1
-            probs = torch.softmax(logits.float(), dim=-1)
-            x0 = logits.argmax(-1)
-            p = probs.gather(1, x0[:, None])[:, 0]
-            conf = torch.where(masked, p, torch.full_like(p, float("-inf")))
-            high = conf > threshold
-            if int(high.sum()) >= schedule[k]:
-                pick = high
-            else:
-                kk = min(schedule[k], int(masked.sum()))
-                pick = torch.zeros_like(masked)
-                pick[conf.topk(kk).indices] = True
-            blk = x[start:end]
-            blk[pick] = x0[pick]
+            uniforms = None if sampling.greedy else step_uniforms(seed, start, k, block_length)
+            x[start:end] = denoise_step(x[start:end], logits, mask_token_id=mask_token_id,
+                                        threshold=threshold, min_transfer=schedule[k],
+                                        sampling=sampling, uniforms=uniforms)
         steps_per_block.append(n_steps)
         if eos_token_id is not None and (x[P:end] == eos_token_id).any():
             break

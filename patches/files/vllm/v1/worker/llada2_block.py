@@ -1,14 +1,18 @@
 # ddtree-vllm overlay module (copied into vllm/v1/worker/llada2_block.py by scripts/apply_overlays.py)
 """LLaDA2.0 block-diffusion decoding inside vLLM v1 (scheduler + V1 model runner).
 
-Semantics (greedy, the LLaDA2.0 low-confidence rule; ddtree/llada2/reference.py is the
-full-recompute reference the engine is tested against):
+Semantics (the LLaDA2.0 low-confidence rule; ddtree/llada2/reference.py is the full-recompute
+reference the engine is tested against, and both call the same step, ddtree/llada2/denoise.py):
 
 * blocks of ``block_length`` tokens aligned to absolute position 0; the first generated block
   starts with the prompt tail;
-* in step k of a block every still-masked position whose argmax probability exceeds ``threshold``
-  is unmasked (the mask token itself is excluded from the prediction); if fewer than ``schedule[k]`` qualify, the ``schedule[k]`` most confident are
-  (``schedule`` splits the block over ``max_steps``; max_steps == block_length means "at least one");
+* in step k of a block every still-masked position gets a proposal and a confidence: the argmax
+  and its probability at temperature 0, else a token drawn from softmax(logits / T) after top-k /
+  top-p and its probability there (the mask token itself is never proposed). Every position whose
+  confidence exceeds ``threshold`` is unmasked; if fewer than ``schedule[k]`` qualify, the
+  ``schedule[k]`` most confident are (``schedule`` splits the block over ``max_steps``;
+  max_steps == block_length means "at least one"). Sampling uniforms are drawn per (request seed,
+  block, step) on a CPU generator, so a seeded request is reproducible in any batch;
 * a finished block is committed (streamed) at once; one more forward over it rewrites its KV from
   its final tokens before the next block starts; EOS / max_tokens are applied by the scheduler.
 
@@ -139,6 +143,50 @@ def request_settings(server: BlockSettings, sampling_params: Any) -> BlockSettin
 # ------------------------------------------------------------------------------ configuration
 
 
+def _configure_attention_and_graphs(vllm_config: "VllmConfig") -> None:
+    """GPU settings the block decode needs (no-ops on CPU).
+
+    * Attention must honour ``causal=False`` metadata (every step is non-causal attention over
+      [0, block end)). As vLLM's own DiffusionGemma does, ``use_non_causal`` restricts the
+      backend auto-selection to backends that support it (FLASH_ATTN on Hopper; it also keeps
+      FlashInfer's causal-only TRT-LLM kernels out on Blackwell); an explicitly chosen backend
+      without non-causal support is rejected by vLLM's selector.
+    * CUDA graphs: PIECEWISE only. vLLM's V1 graph dispatcher sizes full decode graphs for a
+      uniform query length of 1 + canvas_length while the V1 runner (no speculative config)
+      classifies batches with 1, so FULL decode graphs would fail their size assertion at
+      capture; and block-decode batches mix per-request query lengths (prompt tails, per-request
+      block lengths), so full graphs would rarely apply anyway. Piecewise graphs keep attention
+      outside the captured pieces, so the per-step non-causal metadata is used as built.
+    """
+    from vllm.platforms import current_platform
+
+    attention = getattr(vllm_config, "attention_config", None)
+    if attention is not None and getattr(attention, "backend", None) is None \
+            and not getattr(attention, "use_non_causal", False):
+        attention.use_non_causal = True
+        logger.info("LLaDA2 block decode: non-causal block attention; attention backend "
+                    "auto-selection limited to backends that support it (use_non_causal=True)")
+    model_config = vllm_config.model_config
+    if model_config is not None and not getattr(model_config, "disable_cascade_attn", True):
+        # FlashAttention's cascade path runs the per-request suffix with causal=True.
+        logger.info("LLaDA2 block decode: disabling cascade attention")
+        model_config.disable_cascade_attn = True
+    if not current_platform.support_static_graph_mode():
+        return
+    from vllm.config.compilation import CUDAGraphMode
+
+    comp = vllm_config.compilation_config
+    mode = comp.cudagraph_mode
+    if mode is None or mode.has_full_cudagraphs():
+        if mode is not None:
+            logger.warning("LLaDA2 block decode: cudagraph_mode %s has full CUDA graphs, which "
+                           "the V1 runner cannot capture for block decode; using PIECEWISE",
+                           mode.name)
+        comp.cudagraph_mode = CUDAGraphMode.PIECEWISE
+        logger.info("LLaDA2 block decode: cudagraph_mode=PIECEWISE (attention runs outside the "
+                    "graphs with per-step non-causal metadata)")
+
+
 class LLaDA2BlockDiffusionConfig:
     """Per-architecture config hook (MODELS_CONFIG_MAP): settings check and engine defaults."""
 
@@ -159,13 +207,17 @@ class LLaDA2BlockDiffusionConfig:
             cache.enable_prefix_caching = False
         sched = vllm_config.scheduler_config
         if sched is not None:
-            if getattr(sched, "async_scheduling", False):
+            # Unset (None) means "on where supported" to vLLM, decided later in VllmConfig:
+            # on GPU that would be on. The canvas must come back from step n before step n+1
+            # is scheduled, so it is off, explicitly.
+            if getattr(sched, "async_scheduling", None) is not False:
                 logger.info("LLaDA2 block decode: disabling async scheduling")
                 sched.async_scheduling = False
             budget = sched.max_num_batched_tokens
             if budget is not None and budget < settings.block_length:
                 raise ValueError(f"LLaDA2: max_num_batched_tokens ({budget}) must be at least the "
                                  f"block length ({settings.block_length})")
+        _configure_attention_and_graphs(vllm_config)
         # The frontend validates per-request settings against the server block length.
         vllm_config.model_config.hf_config.canvas_length = settings.block_length
         if vllm_config.diffusion_config is None:
@@ -179,8 +231,28 @@ class LLaDA2BlockDiffusionConfig:
                     settings.mask_token_id)
 
 
+# Sampling parameters the block decode cannot honour (vLLM's defaults switch them off).
+_UNSUPPORTED = (("min_p", 0.0), ("presence_penalty", 0.0), ("frequency_penalty", 0.0),
+                ("repetition_penalty", 1.0), ("min_tokens", 0), ("logit_bias", None),
+                ("allowed_token_ids", None), ("bad_words", None))
+
+
+def sampling_settings(sampling_params: Any):
+    """The denoising step's sampling settings of one request (temperature < 1e-5: greedy)."""
+    from ddtree.llada2.denoise import SamplingSettings
+
+    t = float(getattr(sampling_params, "temperature", 0.0) or 0.0)
+    if t < 1e-5:  # vLLM's own greedy cut-off (_SAMPLING_EPS)
+        return SamplingSettings()
+    top_k = getattr(sampling_params, "top_k", 0)
+    return SamplingSettings(temperature=t, top_k=0 if top_k is None else int(top_k),
+                            top_p=float(getattr(sampling_params, "top_p", 1.0) or 1.0),
+                            seed=getattr(sampling_params, "seed", None))
+
+
 def validate_sampling_params(sampling_params: Any, model_config: "ModelConfig") -> None:
-    """Replaces vLLM's diffusion sampling-params check for LLaDA2 (greedy decode)."""
+    """Replaces vLLM's diffusion sampling-params check for LLaDA2 (vLLM itself has already
+    rejected a negative temperature or a top_p outside (0, 1])."""
     for key in (getattr(sampling_params, "extra_args", None) or {}):
         if key.startswith("llada2_"):
             raise ValueError(f"unknown LLaDA2 request setting {key!r}; use one of {REQUEST_KEYS}")
@@ -192,6 +264,13 @@ def validate_sampling_params(sampling_params: Any, model_config: "ModelConfig") 
         raise ValueError("LLaDA2 block decode supports n=1 only")
     if getattr(sampling_params, "logprobs", None) or getattr(sampling_params, "prompt_logprobs", None):
         raise ValueError("LLaDA2 block decode does not return logprobs")
+    for name, off in _UNSUPPORTED:
+        value = getattr(sampling_params, name, off)
+        if value is None or value == off or (off is None and not value):
+            continue
+        raise ValueError(f"LLaDA2 block decode does not support {name} (got {value!r}); "
+                         "supported: temperature, top_k, top_p, seed")
+    sampling_settings(sampling_params)  # raises ValueError naming temperature / top_k / top_p
 
 
 # ------------------------------------------------------------------------------ scheduler side
@@ -251,30 +330,20 @@ def scheduler_hooks_for(vllm_config: "VllmConfig") -> LLaDA2SchedulerHooks | Non
 
 
 def unmask_step(canvas: np.ndarray, logits: torch.Tensor, mask_token_id: int, threshold: float,
-                min_transfer: int) -> np.ndarray:
-    """One denoising update of ``canvas`` [n] given its logits [n, vocab]; returns the new canvas."""
-    masked = torch.from_numpy(canvas == mask_token_id)
-    if not bool(masked.any()):
+                min_transfer: int, sampling=None, uniforms: torch.Tensor | None = None) -> np.ndarray:
+    """One denoising update of ``canvas`` [n] given its logits [n, vocab]; returns the new canvas.
+
+    The decision itself is ddtree.llada2.denoise.denoise_step, the reference's own step.
+    """
+    from ddtree.llada2.denoise import SamplingSettings, denoise_step
+
+    if not (canvas == mask_token_id).any():
         return canvas
-    logits = logits.float()
-    # The mask token is never a prediction: otherwise a position whose argmax is the mask id would
-    # stay masked forever (trained checkpoints give it ~0 probability anyway).
-    logits[:, mask_token_id] = float("-inf")
-    x0 = logits.argmax(-1)
-    p = torch.softmax(logits, dim=-1).gather(1, x0[:, None])[:, 0].cpu()
-    x0 = x0.cpu()
-    conf = torch.where(masked, p, torch.full_like(p, float("-inf")))
-    high = conf > threshold
-    if int(high.sum()) >= min_transfer:
-        pick = high
-    else:
-        k = min(min_transfer, int(masked.sum()))
-        pick = torch.zeros_like(masked)
-        pick[conf.topk(k).indices] = True
-    out = canvas.copy()
-    idx = pick.nonzero(as_tuple=True)[0].numpy()
-    out[idx] = x0.numpy()[idx]
-    return out
+    out = denoise_step(torch.from_numpy(canvas.astype(np.int64)), logits,
+                       mask_token_id=mask_token_id, threshold=threshold,
+                       min_transfer=min_transfer, sampling=sampling or SamplingSettings(),
+                       uniforms=uniforms)
+    return out.numpy().astype(canvas.dtype)
 
 
 @dataclass
@@ -290,6 +359,7 @@ class LLaDA2BlockDecoder:
     def __init__(self, runner) -> None:
         self.server = server_settings(runner.vllm_config)
         self._settings: dict[str, BlockSettings] = {}
+        self._sampling: dict[str, tuple[Any, int | None]] = {}  # req_id -> (settings, seed)
         self._steps: dict[str, tuple[int, int]] = {}  # req_id -> (block_start, steps done)
         self._rows: dict[str, _CanvasRows] = {}
         self._drafts: dict[str, list[int]] = {}
@@ -301,6 +371,47 @@ class LLaDA2BlockDecoder:
             s = request_settings(self.server, runner.requests[req_id].sampling_params)
             self._settings[req_id] = s
         return s
+
+    def _greedy_proposals(self, runner, logits, live) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Argmax + confidence for every canvas row of the step's greedy requests in one pass and
+        one device-to-host copy (per-request calls would sync once per request). Rows are
+        independent, so each request gets exactly what ``propose`` gives it alone."""
+        from ddtree.llada2.denoise import SamplingSettings, propose
+
+        spans, reqs = [], []
+        for req_id, r in self._rows.items():
+            if req_id in live and self.sampling(runner, req_id)[0].greedy:
+                spans.append((r.logits_row, r.num_rows))
+                reqs.append(req_id)
+        if not reqs:
+            return {}
+        mask_ids = {self.settings(runner, q).mask_token_id for q in reqs}
+        if len(mask_ids) != 1:
+            return {}
+        if len(spans) == 1 or all(spans[j][0] + spans[j][1] == spans[j + 1][0]
+                                  for j in range(len(spans) - 1)):
+            rows = logits[spans[0][0]:spans[-1][0] + spans[-1][1]]  # contiguous: no gather
+        else:
+            idx = torch.cat([torch.arange(a, a + n) for a, n in spans]).to(logits.device)
+            rows = logits.index_select(0, idx)
+        x0, conf = propose(rows, mask_ids.pop(), SamplingSettings())
+        out, at = {}, 0
+        for req_id, (_, n) in zip(reqs, spans):
+            out[req_id] = (x0[at:at + n], conf[at:at + n])
+            at += n
+        return out
+
+    def sampling(self, runner, req_id: str):
+        """(sampling settings, seed) of a request; an unseeded sampled request gets a seed from
+        torch's global generator once (vLLM seeds that from ``--seed``)."""
+        got = self._sampling.get(req_id)
+        if got is None:
+            settings = sampling_settings(runner.requests[req_id].sampling_params)
+            seed = settings.seed
+            if seed is None and not settings.greedy:
+                seed = int(torch.randint(0, 2**62, (1,)).item())
+            got = self._sampling[req_id] = (settings, seed)
+        return got
 
     def logits_indices(self, runner, scheduler_output) -> torch.Tensor:
         """Rows of the flattened batch whose logits are needed: every canvas position."""
@@ -332,7 +443,9 @@ class LLaDA2BlockDecoder:
         for req_id in list(self._settings):
             if req_id not in runner.requests:
                 self._settings.pop(req_id, None)
+                self._sampling.pop(req_id, None)
                 self._steps.pop(req_id, None)
+        greedy = self._greedy_proposals(runner, logits, live)
         for req_id, r in self._rows.items():
             if req_id not in live:
                 continue
@@ -346,9 +459,27 @@ class LLaDA2BlockDecoder:
                 # at least one position), also after a preempted request restarts its block.
                 done = 0
             need = schedule[done] if done < len(schedule) else r.num_rows
+            sampling, seed = self.sampling(runner, req_id)
+            uniforms = None
+            if not sampling.greedy:
+                # The step's uniforms cover the whole block; the canvas starts after the prompt
+                # tail, as in the reference.
+                from ddtree.llada2.denoise import step_uniforms
+
+                offset = r.committed - r.block_start
+                uniforms = step_uniforms(seed, r.block_start, done, s.block_length)[
+                    offset:offset + r.num_rows]
             before = canvas
-            canvas = unmask_step(canvas, logits[r.logits_row:r.logits_row + r.num_rows],
-                                 s.mask_token_id, s.threshold, need)
+            if req_id in greedy:
+                from ddtree.llada2.denoise import apply_unmask
+
+                x0, conf = greedy[req_id]
+                canvas = apply_unmask(torch.from_numpy(canvas.astype(np.int64)), x0, conf,
+                                      mask_token_id=s.mask_token_id, threshold=s.threshold,
+                                      min_transfer=need).numpy().astype(canvas.dtype)
+            else:
+                canvas = unmask_step(canvas, logits[r.logits_row:r.logits_row + r.num_rows],
+                                     s.mask_token_id, s.threshold, need, sampling, uniforms)
             if _DEBUG:
                 logger.info("llada2 %s c=%d N=%d rows=%d step=%d need=%d %s -> %s", req_id,
                             r.block_start, r.committed, r.num_rows, done, need,
@@ -397,7 +528,27 @@ def decoder_for(runner) -> LLaDA2BlockDecoder | None:
     if dec is False:
         dec = LLaDA2BlockDecoder(runner) if is_llada2(runner.model_config) else None
         runner.__dict__["_llada2_decoder"] = dec
+        if dec is not None:
+            _check_backends(runner)
     return dec
+
+
+def _check_backends(runner) -> None:
+    """Every attention backend must honour causal=False metadata (the whole block decode relies
+    on it); log which ones run it."""
+    names = []
+    for groups in getattr(runner, "attn_groups", None) or []:
+        for group in groups:
+            backend = group.backend
+            supports = getattr(backend, "supports_non_causal", None)
+            if supports is not None and not supports():
+                raise RuntimeError(
+                    f"LLaDA2 block decode needs non-causal attention; backend "
+                    f"{backend.get_name()} does not support it (try --attention-backend "
+                    "FLASH_ATTN, TRITON_ATTN or FLEX_ATTENTION)")
+            names.append(backend.get_name())
+    logger.info("LLaDA2 block decode: non-causal block attention on %s",
+                ", ".join(sorted(set(names))) or "(no attention groups yet)")
 
 
 def attention_is_causal(runner) -> bool:
