@@ -533,6 +533,18 @@ class _ReqTree:
     parents: torch.Tensor  # [budget+1] long (CPU)
     depths: torch.Tensor  # [budget+1] long
     num_nodes: int
+    token_ids: torch.Tensor | None = None  # [budget+1] long, the drafts proposed with this tree
+
+    def proposed(self, drafts: list[int]) -> bool:
+        """Whether the scheduled drafts are this tree's node tokens (a prefix of them, as the
+        scheduler may shorten a block). They are not when the drafter did not run for the step
+        (vLLM then schedules zeros, e.g. near max_model_len) and the tree is from an older
+        proposal: such a block must be verified as the chain it is. Placeholders (-1) match."""
+        if self.token_ids is None:
+            return True
+        k = min(len(drafts), self.num_nodes - 1)
+        want = self.token_ids[1: 1 + k].tolist()
+        return all(d < 0 or d == w for d, w in zip(drafts[:k], want))
 
 
 class DDTreeRunnerState:
@@ -552,6 +564,16 @@ class DDTreeRunnerState:
         logger.info("DDTree tree verify active: budget=%d top_k=%d chain_seed=%s depth=%d",
                     sc.ddtree_budget, sc.ddtree_top_k, sc.ddtree_chain_seed, sc.ddtree_max_depth)
 
+    def _forget_trees(self, scheduler_output) -> None:
+        """Drop the trees of requests that were preempted or finished (aborts included) since the
+        last step: their drafts were discarded by the scheduler, and a preempted request comes
+        back with a recompute prefill and gets a fresh tree from the drafter afterwards."""
+        for attr, counter in (("preempted_req_ids", "trees_dropped_by_preemption"),
+                              ("finished_req_ids", "trees_dropped_by_finish")):
+            for req_id in getattr(scheduler_output, attr, None) or ():
+                if self.trees.pop(req_id, None) is not None:
+                    setattr(self.stats, counter, getattr(self.stats, counter) + 1)
+
     # -- step 2: positions and masks ---------------------------------------------------------
     def on_positions(self, scheduler_output, num_reqs: int, num_scheduled_tokens: np.ndarray) -> None:
         from ddtree.tree import ancestor_mask_from_parents
@@ -559,6 +581,7 @@ class DDTreeRunnerState:
         runner = self.runner
         self.last_entries = []
         _set_current(None)
+        self._forget_trees(scheduler_output)
         spec = scheduler_output.scheduled_spec_decode_tokens
         if not spec:
             return
@@ -567,7 +590,7 @@ class DDTreeRunnerState:
         picked: list[tuple[int, int, int, int, _ReqTree]] = []
         for req_id, drafts in spec.items():
             tree = self.trees.get(req_id)
-            if tree is None or not drafts:
+            if tree is None or not drafts or not tree.proposed(drafts):
                 continue
             i = runner.input_batch.req_id_to_index[req_id]
             q = int(num_scheduled_tokens[i])
@@ -822,7 +845,9 @@ class DDTreeRunnerState:
         parents = trees.parents.cpu()
         depths = trees.depths.cpu()
         nn_ = trees.num_nodes.cpu()
-        self.trees = {rid: _ReqTree(parents[i].clone(), depths[i].clone(), int(nn_[i]))
+        tokens = trees.token_ids.cpu()
+        self.trees = {rid: _ReqTree(parents[i].clone(), depths[i].clone(), int(nn_[i]),
+                                    tokens[i].clone())
                       for i, rid in enumerate(req_ids) if i < parents.shape[0]}
         self.stats.record_build(drafter.last_build_s)
 
@@ -862,6 +887,8 @@ class DDTreeStats:
 
     def __init__(self) -> None:
         self.steps = 0
+        self.trees_dropped_by_preemption = 0  # requests preempted with a tree in flight
+        self.trees_dropped_by_finish = 0  # finished / aborted with a tree in flight
         self.nodes_verified = 0
         self.nodes_wasted = 0
         self.accepted_hist: dict[int, int] = {}
