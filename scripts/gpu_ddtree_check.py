@@ -101,32 +101,25 @@ def run_one(cfg: dict) -> dict:
     drafts = delta.get("vllm:spec_decode_num_drafts", 0.0)
     accepted = delta.get("vllm:spec_decode_num_accepted_tokens", 0.0)
     speed["acceptance_length"] = round(1 + accepted / drafts, 3) if drafts else None
-    tree = _tree_stats()
+    tree = _tree_stats(llm)
     return {"outputs": result, "startup_s": round(startup_s, 1), "equality_batch_s": round(eq_s, 2),
             "speed": speed, "ddtree_counters": tree, "device": torch.cuda.get_device_name()
             if torch.cuda.is_available() else "cpu"}
 
 
-def _tree_stats() -> dict:
-    """The engine's DDTree counters (the engine core runs in this process)."""
-    import gc
-
+def _tree_stats(llm) -> dict:
+    """The engine's DDTree counters (in-process engine: the model runner lives in this process)."""
     try:
-        from vllm.v1.spec_decode.ddtree import DDTreeStats
-    except ImportError:
+        core = llm.llm_engine.engine_core.engine_core
+        state = core.model_executor.driver_worker.worker.model_runner._ddtree
+    except AttributeError:
         return {}
-    for obj in gc.get_objects():
-        try:
-            found = type(obj) is DDTreeStats
-        except ReferenceError:  # dead weak proxies
-            continue
-        if found:
-            return {"steps": obj.steps, "nodes_verified": obj.nodes_verified,
-                    "nodes_wasted": obj.nodes_wasted, "sibling_taken": obj.sibling_taken,
-                    "accepted_hist": {str(k): v for k, v in sorted(obj.accepted_hist.items())},
-                    "build_s": round(obj.build_s, 3), "verify_s": round(obj.verify_s, 3),
-                    "commit_s": round(obj.commit_s, 3)}
-    return {}
+    s = state.stats
+    return {"steps": s.steps, "nodes_verified": s.nodes_verified, "nodes_wasted": s.nodes_wasted,
+            "sibling_taken": s.sibling_taken,
+            "accepted_hist": {str(k): v for k, v in sorted(s.accepted_hist.items())},
+            "build_s": round(s.build_s, 3), "verify_s": round(s.verify_s, 3),
+            "commit_s": round(s.commit_s, 3)}
 
 
 def _counters(llm) -> dict[str, float]:
@@ -189,6 +182,9 @@ def main() -> int:
             p = subprocess.run([sys.executable, __file__, str(args.out), "--child", str(cfg_file)],
                                stdout=subprocess.PIPE, stderr=f, text=True, env=env, cwd=REPO)
         cfg_file.unlink()
+        with open(log, "a") as f:  # vLLM logs to stdout: keep it beside stderr
+            f.write("\n--- stdout ---\n" + "\n".join(
+                ln for ln in p.stdout.splitlines() if not ln.startswith("RESULT ")))
         line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
         rec: dict = {"wall_s": round(time.monotonic() - t0, 1)}
         if line is None:
