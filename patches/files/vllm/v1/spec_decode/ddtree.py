@@ -768,7 +768,7 @@ class DDTreeRunnerState:
             move_paged_kv_rows(kv_cache, *moves[id(plan)])
         # GDN: conv history along the path, recurrent state of the last accepted node -> slot m
         # (vLLM's next step reads history at offset num_accepted - 1 and the state in slot m).
-        conv_plans: dict[int, tuple] = {}
+        conv_plans: dict = {}  # id(plan) -> path arrays; (id(plan), width) -> column plan
         for conv_state, pool, plan, width in step.gdn_layers:
             if id(plan) not in conv_plans:
                 rows = plan.req_rows.to(acc_dev.device)
@@ -782,8 +782,11 @@ class DDTreeRunnerState:
                 copy_state = plan.is_tree & (last != m)
                 conv_plans[id(plan)] = (path, path_len, src_line[copy_state], dst_line[copy_state])
             path, path_len, src_line, dst_line = conv_plans[id(plan)]
-            src_cols, do_copy, _ = conv_commit_plan(path, path_len, width, "chain_in_place")
-            offsets = (path_len - 1).clamp(min=0).to(torch.int32)
+            key = (id(plan), width)
+            if key not in conv_plans:  # the same column plan for every layer of the group
+                src_cols, do_copy, _ = conv_commit_plan(path, path_len, width, "chain_in_place")
+                conv_plans[key] = (src_cols, do_copy, (path_len - 1).clamp(min=0).to(torch.int32))
+            src_cols, do_copy, offsets = conv_plans[key]
             commit_conv_state(conv_state, plan.conv_lines, plan=(src_cols, do_copy, offsets),
                               check_values=False, backend="triton" if conv_state.is_cuda else "torch")
             if src_line.numel():
@@ -910,21 +913,28 @@ class DDTreeStats:
             return
         nacc = walk.num_accepted.cpu()
         acc = walk.accepted_nodes.cpu()
+        verified = wasted = siblings = 0
+        depths = []
         for e in step.entries:
             m = int(nacc[e.req_index])
             sibling = bool(m) and not bool((acc[e.req_index, 1: m + 1] == torch.arange(1, m + 1)).all())
-            self.steps += 1
-            self.nodes_verified += e.num_nodes
-            self.nodes_wasted += e.num_nodes - 1 - m
             self.accepted_hist[m] = self.accepted_hist.get(m, 0) + 1
-            self.sibling_taken += int(sibling)
-            if prom is not None:
-                prom["steps"].inc()
-                prom["verified"].inc(e.num_nodes)
-                prom["wasted"].inc(e.num_nodes - 1 - m)
+            verified += e.num_nodes
+            wasted += e.num_nodes - 1 - m
+            siblings += int(sibling)
+            depths.append(m)
+        self.steps += len(step.entries)
+        self.nodes_verified += verified
+        self.nodes_wasted += wasted
+        self.sibling_taken += siblings
+        if prom is not None:  # one update per counter and step (prometheus calls cost ~µs each)
+            prom["steps"].inc(len(step.entries))
+            prom["verified"].inc(verified)
+            prom["wasted"].inc(wasted)
+            if siblings:
+                prom["sibling"].inc(siblings)
+            for m in depths:
                 prom["depth"].observe(m)
-                if sibling:
-                    prom["sibling"].inc()
         now = time.monotonic()
         if now - self._last_log > 10.0:
             self._last_log = now
