@@ -23,7 +23,7 @@ if [ "${1:-}" = "stage" ]; then
 import sys; from pathlib import Path; import train_tiny_pair as t
 print("\n".join(r for r, _ in t.corpus_files(Path("."))))' > "$dir/corpus.txt" \
     && tar cJf "$dir/stdlib-corpus.tar.xz" -T "$dir/corpus.txt")
-  cp "$here/train_tiny_pair.py" "$dir/"
+  cp "$here/train_tiny_pair.py" "$here/tiny_models.py" "$dir/"  # the pair shares tiny_models' tokenizer recipe
   cp "$0" "$dir/run.sh"
   du -sh "$dir"
   exit 0

@@ -44,10 +44,9 @@ import sysconfig
 import time
 from pathlib import Path
 
+from tiny_models import EOS_TOKEN, MASK_TOKEN, bpe_tokenizer_and_trainer, save_tokenizer
+
 VOCAB_SIZE = 4096
-EOS_TOKEN = "<|endoftext|>"
-MASK_TOKEN = "<|mask|>"
-SPECIAL_TOKENS = [EOS_TOKEN, MASK_TOKEN, "<|im_start|>", "<|im_end|>"]
 BLOCK_SIZE = 16
 #: a file is held out when sha256(relative path)[0] < this (16/256 = 6.25 %)
 HELDOUT_BYTE_BELOW = 16
@@ -119,8 +118,6 @@ def read_text(p: Path) -> str:
 
 
 def train_tokenizer(texts: list[str], vocab_size: int, out: Path):
-    from tiny_models import bpe_tokenizer_and_trainer, save_tokenizer
-
     tok, trainer = bpe_tokenizer_and_trainer(vocab_size)
     tok.train_from_iterator(texts, trainer, length=len(texts))
     save_tokenizer(tok, out)
