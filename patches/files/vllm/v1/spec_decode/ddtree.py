@@ -251,8 +251,6 @@ def gdn_tree_active() -> bool:
     return _CURRENT is not None and bool(_CURRENT.entries)
 
 
-cpu_gdn_tree_active = gdn_tree_active
-
 
 @dataclasses.dataclass
 class _GdnTreePlan:
@@ -742,29 +740,31 @@ class DDTreeRunnerState:
         from ddtree.ops.gdn.commit import conv_commit_plan
 
         acc_dev, nacc_dev = walk.accepted_nodes, walk.num_accepted
-        # Full attention (CPU layout): move accepted nodes' KV rows to the positions after the root.
-        if step.attn_layers:
-            acc, nacc = acc_dev.cpu(), nacc_dev.cpu()
+        # Full attention: move accepted nodes' KV rows to the positions right after the root; the
+        # moves are computed once per step and slot table, then applied to each layer's cache.
+        if step.attn_layers:  # CPU layout
+            starts = step.starts[:, None] + torch.arange(step.visible.shape[1])[None, :]
+            moves_cpu: dict[int, tuple[list[int], list[int]]] = {}
             for key_cache, value_cache, slot_mapping, layout in _unique_layers(step.attn_layers):
-                src, dst = [], []
-                for e in step.entries:
-                    m = int(nacc[e.req_index])
-                    for j in range(1, m + 1):
-                        a = int(acc[e.req_index, j])
-                        if a != j:
-                            src.append(int(slot_mapping[e.start + a]))
-                            dst.append(int(slot_mapping[e.start + j]))
+                if id(slot_mapping) not in moves_cpu:
+                    block_slots = slot_mapping[starts.clamp(max=slot_mapping.shape[0] - 1)].long()
+                    src, dst = _kv_moves(block_slots, step, acc_dev, nacc_dev)
+                    moves_cpu[id(slot_mapping)] = (src.tolist(), dst.tolist())
+                src, dst = moves_cpu[id(slot_mapping)]
                 if src:
                     layout.move(key_cache, value_cache, src, dst)
-        # Full attention (GPU layout): the same moves, computed once per plan, one copy per layer.
         moves: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         seen: set[int] = set()
-        for kv_cache, plan in step.gpu_attn_layers:
+        for kv_cache, plan in step.gpu_attn_layers:  # GPU layout
             if kv_cache.data_ptr() in seen:
                 continue
             seen.add(kv_cache.data_ptr())
             if id(plan) not in moves:
-                moves[id(plan)] = _kv_moves(plan, step, acc_dev, nacc_dev)
+                Q = step.visible.shape[1]
+                pos = step.prefix_lens.to(plan.slots.device)[:, None] + torch.arange(
+                    Q, device=plan.slots.device)[None, :]
+                block_slots = plan.slots.gather(1, pos.clamp(max=plan.slots.shape[1] - 1))
+                moves[id(plan)] = _kv_moves(block_slots, step, acc_dev, nacc_dev)
             move_paged_kv_rows(kv_cache, *moves[id(plan)])
         # GDN: conv history along the path, recurrent state of the last accepted node -> slot m
         # (vLLM's next step reads history at offset num_accepted - 1 and the state in slot m).
@@ -855,17 +855,19 @@ class DDTreeRunnerState:
         self.stats.record_build(drafter.last_build_s)
 
 
-def _kv_moves(plan, step: TreeVerifyStep, acc: torch.Tensor, nacc: torch.Tensor):
-    """(src, dst) cache slots: accepted node a_j of each tree request moves to block position j."""
-    dev = plan.slots.device
+def _kv_moves(block_slots: torch.Tensor, step: TreeVerifyStep, acc: torch.Tensor,
+              nacc: torch.Tensor):
+    """(src, dst) cache slots: accepted node a_j of each tree request moves to block position j.
+
+    block_slots [E, Q]: the cache slot of token j of tree request e's verify block."""
+    dev = block_slots.device
     rows = step.rows.to(dev)
-    path = acc.to(dev)[rows].long()  # [E, Lw] node ids, root first
+    path = acc.to(dev)[rows].long()  # [E, Lw] node ids, root first (Lw <= Q)
     m = nacc.to(dev)[rows].long()
     j = torch.arange(path.shape[1], device=dev)[None, :]
-    prefix = step.prefix_lens.to(dev)[:, None]
     move = (j >= 1) & (j <= m[:, None]) & (path != j) & (path >= 0)
-    src = plan.slots.gather(1, (prefix + path.clamp(min=0)).clamp(max=plan.slots.shape[1] - 1))
-    dst = plan.slots.gather(1, (prefix + j).clamp(max=plan.slots.shape[1] - 1))
+    src = block_slots.gather(1, path.clamp(min=0))
+    dst = block_slots.gather(1, j.expand_as(path))
     return src[move], dst[move]
 
 
