@@ -150,9 +150,13 @@ def mode_checks(mode: str, cfg: dict, res: dict, log_text: str) -> dict[str, boo
     return checks
 
 
-def logprob_agreement(ref: list[dict], got: list[dict], tol: float = 0.05) -> dict:
-    """Top-1 logprob of every committed token of DDTree vs the target alone (same token, same
-    position), up to the first token divergence; bf16 logits give small differences."""
+def logprob_agreement(ref: list[dict], got: list[dict], tol: float = 0.1, ulps: float = 4.0) -> dict:
+    """The logprob (engine mode: processed logits) of every committed token of DDTree vs the target
+    alone (same token, same position), up to the first token divergence. Allowed difference: bf16
+    noise, max(tol, ulps bf16 ulps of the value). A row not laid out along the accepted path gives
+    another node's logits: the token is then usually missing from the top-4 or far off."""
+    from tests.support.equality import bf16_ulp
+
     compared = worst = 0.0
     bad = 0
     for r, o in zip(ref, got):
@@ -165,7 +169,7 @@ def logprob_agreement(ref: list[dict], got: list[dict], tol: float = 0.05) -> di
                 continue
             d = abs(ra[a] - ob[a])
             worst = max(worst, d)
-            bad += d > tol
+            bad += d > max(tol, ulps * bf16_ulp(abs(ra[a])))
             compared += 1
     return {"compared": int(compared), "max_abs_diff": round(worst, 4), "over_tol": int(bad)}
 
