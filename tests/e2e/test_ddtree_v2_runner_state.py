@@ -194,3 +194,18 @@ def test_restrict_trees_policy():
     assert torch.equal(trees.parents[2], chain.parents[2])
     assert torch.equal(trees.token_ids[2], chain.token_ids[2])
     assert int(trees.num_nodes[1]) > 1  # untouched
+
+
+def test_speculator_resized_to_the_drafter_depth():
+    """DDTreeSpeculator: the runner schedules `budget` drafts, the drafter runs `depth` positions."""
+    spec = v2.DDTreeSpeculator.__new__(v2.DDTreeSpeculator)
+    spec.device, spec.dtype, spec.max_num_reqs, spec.vocab_size = torch.device("cpu"), torch.float32, 3, 7
+    spec.num_speculative_steps = BUDGET  # as DFlash sized it (num_speculative_tokens = budget)
+    spec.draft_logits = torch.zeros(3, BUDGET, 7)
+    spec._resize_for_depth(4, HIDDEN)
+    assert spec.num_speculative_steps == 4 and spec.num_query_per_req == 5
+    assert spec.draft_tokens.shape == (3, 4) and spec.draft_logits.shape == (3, 4, 7)
+    assert spec.sample_col.tolist() == [0, 1, 2, 3] * 3
+    assert spec.tree_hidden.shape == (12, HIDDEN)
+    with pytest.raises(ValueError, match="ddtree_max_depth"):
+        spec._resize_for_depth(5, HIDDEN)  # deeper than the budget it was sized for

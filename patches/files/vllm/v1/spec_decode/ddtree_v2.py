@@ -55,9 +55,18 @@ class DDTreeSpeculator(DFlashSpeculator):
         self.ddtree_budget = int(sc.ddtree_budget)
         self.ddtree_top_k = int(sc.ddtree_top_k)
         self.ddtree_chain_seed = bool(sc.ddtree_chain_seed)
-        depth = int(sc.ddtree_max_depth)
-        # The runner schedules `budget` drafts per request (num_speculative_tokens = budget), the
-        # drafter itself proposes `depth` positions: resize what DFlash sized by the former.
+        self._resize_for_depth(int(sc.ddtree_max_depth), self.draft_model_config.get_hidden_size())
+        self.ddtree_state: DDTreeV2RunnerState | None = None
+        self.last_trees = None
+        self.last_build_s = 0.0
+
+    def _resize_for_depth(self, depth: int, hidden_size: int) -> None:
+        """The runner schedules `budget` drafts per request (num_speculative_tokens = budget); the
+        drafter itself proposes `depth` <= budget positions: resize what DFlash sized by the former
+        (the flat sample buffers, sized by the budget, are large enough)."""
+        if not 1 <= depth <= self.num_speculative_steps:
+            raise ValueError(f"ddtree_max_depth: expected 1..{self.num_speculative_steps}, got {depth}")
+        device = self.device
         self.num_speculative_steps = depth
         self.num_query_per_req = 1 + depth
         self.draft_tokens = torch.zeros(self.max_num_reqs, depth, dtype=torch.int64, device=device)
@@ -67,12 +76,8 @@ class DDTreeSpeculator(DFlashSpeculator):
         self.sample_col = torch.arange(depth, dtype=torch.int32, device=device).repeat(self.max_num_reqs)
         # Hidden states of the sampled rows, written inside the drafter's graph (static address);
         # the logits for the tree are computed after it.
-        self.tree_hidden = torch.zeros(self.max_num_reqs * depth,
-                                       self.draft_model_config.get_hidden_size(),
-                                       dtype=self.dtype, device=device)
-        self.ddtree_state: DDTreeV2RunnerState | None = None
-        self.last_trees = None
-        self.last_build_s = 0.0
+        self.tree_hidden = torch.zeros(self.max_num_reqs * depth, hidden_size, dtype=self.dtype,
+                                       device=device)
 
     def _generate_draft(self, num_reqs, num_tokens_padded, attn_metadata, slot_mappings,
                         num_tokens_across_dp, cudagraph_runtime_mode=None):
