@@ -623,7 +623,9 @@ class DDTreeRunnerState:
             picked.append((i, int(cu[i]) - q, q, int(computed[i]), tree))
         if not picked:
             return
-        E, Q = len(picked), self.budget + 1
+        # Q = the step's largest block (<= budget + 1): requests with smaller per-request trees
+        # (vllm_xargs ddtree_budget) do not pay the server's full shape in the masks / attention
+        E, Q = len(picked), max(p[2] for p in picked)
         parents = torch.full((E, Q), -1, dtype=torch.long)
         depths = torch.zeros((E, Q), dtype=torch.long)
         for e, (_, _, q, _, tree) in enumerate(picked):
@@ -662,8 +664,8 @@ class DDTreeRunnerState:
         runner = self.runner
         step = _CURRENT
         num_reqs = runner.input_batch.num_reqs
-        n = self.budget + 1
         num_draft = list(spec_decode_metadata.num_draft_tokens)
+        n = max(num_draft, default=0) + 1  # the step's largest block (<= budget + 1), as vLLM's sampler
         dev = logits.device
         # Per request: tree arrays padded to n node slots; requests without a tree verify a chain
         # of their scheduled drafts (flat rows), which the walk handles as a tree that is a path.
