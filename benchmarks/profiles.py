@@ -148,11 +148,11 @@ PROFILES: dict[str, Profile] = {p.name: p for p in [
             modes=(nospec(), dflash()), concurrency=(1, 4), categories=("code", "prose"),
             output_len=32, prompt_chars=400, requests_per_slot=2, min_requests=4, warmups=1,
             server="cpu", max_num_seqs=8),
-    Profile("cpu-sweep-smoke", "CPU: the gpu-sweep-12min logic at CPU size: DDTree budget 4/8 x top_k "
-            "1/2 on one shared server (per-request vllm_xargs), then the best of them beside flat "
-            "DFlash at concurrency 1/2 (the slow test)",
+    Profile("cpu-sweep-smoke", "CPU: the gpu-sweep-12min logic at CPU size, one server start: DDTree "
+            "budget 4/8 x top_k 1/2 on one shared server (per-request vllm_xargs), then the best of "
+            "them at concurrency 1/2 (the slow test; several servers: the runner's unit tests)",
             modes=ddtree_grid((4, 8), (1, 2)), concurrency=(1,), categories=("code",),
-            stages=(Stage((ddtree_best((8, 2)), dflash()), (1, 2), ("code",)),),
+            stages=(Stage((ddtree_best((8, 2)),), (1, 2), ("code",)),),
             best_of=(("code", 1),), output_len=8, prompt_chars=300, requests_per_slot=1,
             min_requests=2, warmups=0, server="cpu", max_num_seqs=4, server_start_s=60.0),
     Profile("cpu-ddtree", "CPU: the tree verify path (CPU backend) at budget 8/16/32, top_k 4 (one "

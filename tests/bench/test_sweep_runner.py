@@ -166,3 +166,34 @@ def test_bench_argv_sends_vllm_xargs_through_the_clients_extra_body(tmp_path):
     plain = run_profile.bench_parser().parse_args(
         run_profile.bench_argv("http://x", "m", "m", tmp_path / "d.jsonl", 4, 2, 8, 1))
     assert plain.extra_body is None
+
+
+@pytest.mark.slow
+def test_cpu_sweep_smoke_end_to_end(tiny_models, tmp_path):
+    """gpu-sweep-12min's logic at CPU size through a real server and vLLM's client: the four DDTree
+    shapes run on ONE server (budget 8, top_k 2) and each point's verify blocks carry exactly its
+    own budget of drafts (the per-request shape reached the engine); then the best shape."""
+    pytest.importorskip("pandas", reason="vllm bench serve's custom dataset reads JSONL with pandas")
+    out = tmp_path / "out"
+    rc = run_profile.main(["--profile", "cpu-sweep-smoke", "--models", str(tiny_models), "--out", str(out),
+                           "--prompts-dir", str(tmp_path / "prompts"), "--model-label", "tiny (test)",
+                           "--budget-s", "900"])
+    doc = json.loads((out / "results.json").read_text())
+    assert rc == 0, json.dumps(doc.get("servers"), indent=1)[-3000:]
+    assert list(doc["servers"]) == ["ddtree-server-b8-k2"]
+    assert all("startup_s" in s for s in doc["servers"].values())
+    tree = [p for p in doc["points"] if p["server"] == "ddtree-server-b8-k2"]
+    assert [p["mode"] for p in tree[:4]] == ["ddtree-b4-k1", "ddtree-b4-k2", "ddtree-b8-k1", "ddtree-b8-k2"]
+    best = doc["best_ddtree"]["ddtree-server-b8-k2"]
+    assert [p["mode"] for p in tree[4:]] == [best["mode"].replace("ddtree-", "ddtree-best-")] * 2
+    for p in doc["points"]:
+        assert p["completed"] == p["requests"] and p["failed"] == 0, p
+        sd = p["spec_decode"]
+        assert sd["drafts"] > 0
+        want = p["xargs"]["ddtree_budget"] if p["xargs"] else profiles.DFLASH_DEPTH
+        assert sd["draft_tokens"] == sd["drafts"] * want, (p["mode"], sd)
+        if p["xargs"]:
+            assert p["bench"]["client_argv"][-2:] == ["--extra-body", json.dumps(
+                {"vllm_xargs": p["xargs"]}, sort_keys=True)]
+    assert not doc["skipped"]
+    assert "ddtree-server-b8-k2" in (out / "summary.md").read_text()
