@@ -181,7 +181,9 @@ PROFILES: dict[str, Profile] = {p.name: p for p in [
             stages=(Stage((ddtree_best(SWEEP_SERVER), dflash(), nospec()), DOUBLING, ALL_CATEGORIES),),
             best_of=(("code", 1), ("code", 8)), output_len=96, requests_per_slot=2,
             min_requests=6, max_requests=128, warmups=1, extra_server_args=EAGER,
-            server_start_s=150.0, server_reserve_s=240.0),
+            # per device call (--servers splits it in two): a start ~1-2.5 min (eager; more on a
+            # fresh host while Triton compiles the GDN kernels), points ~2-8 s each
+            budget_s=360.0, server_start_s=90.0, server_reserve_s=150.0),
     Profile("gpu-full", "GPU: every mode, concurrency 1..64 doubling, all three categories",
             modes=(nospec(), dflash(), *ddtree_grid(BUDGETS, (1, 8))),
             concurrency=DOUBLING, categories=ALL_CATEGORIES),
