@@ -156,6 +156,7 @@ def fake_cuda(monkeypatch):
     monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
     monkeypatch.delenv("VLLM_ATTENTION_BACKEND", raising=False)
     monkeypatch.delenv("DDTREE_FORCE_CHAIN", raising=False)
+    monkeypatch.delenv("DDTREE_V2_TREE", raising=False)
     from vllm.platforms import current_platform
 
     assert current_platform.is_cuda()
@@ -165,11 +166,18 @@ def test_cuda_tree_path_reasons(fake_cuda, monkeypatch):
     from vllm.config.ddtree import tree_path_unsupported_reason
 
     assert tree_path_unsupported_reason(_sc(["full_attention"])) is None
-    mixed = tree_path_unsupported_reason(_sc(["sliding_attention", "full_attention"]))
-    assert mixed is not None and "V2 model runner" in mixed
+    # the V2 runner (forced by a mixed sliding/full drafter, or chosen) verifies trees too ...
+    mixed = ["sliding_attention", "full_attention"]
+    assert tree_path_unsupported_reason(_sc(mixed)) is None
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
-    assert "V2" in tree_path_unsupported_reason(_sc())
+    assert tree_path_unsupported_reason(_sc()) is None
+    # ... unless its rollback switch is off: then flat DFlash, with the reason naming V2
+    monkeypatch.setenv("DDTREE_V2_TREE", "0")
+    assert "V2 model runner (VLLM_USE_V2_MODEL_RUNNER=1)" in tree_path_unsupported_reason(_sc())
     monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER")
+    assert "mixes sliding and full" in tree_path_unsupported_reason(_sc(mixed))
+    assert tree_path_unsupported_reason(_sc(["full_attention"])) is None  # V1: switch irrelevant
+    monkeypatch.delenv("DDTREE_V2_TREE")
     monkeypatch.setenv("VLLM_ATTENTION_BACKEND", "FLASHINFER")
     assert tree_path_unsupported_reason(_sc()) is None
     monkeypatch.setenv("VLLM_ATTENTION_BACKEND", "FLEX_ATTENTION")

@@ -246,20 +246,29 @@ def tree_path_unsupported_reason(sc: Any) -> str | None:
     if not current_platform.is_cuda():
         return (f"platform {current_platform.device_name}: the tree path runs on vLLM's CPU "
                 f"backend and on CUDA")
-    # The tree hooks live in the V1 model runner. V2 is chosen by VLLM_USE_V2_MODEL_RUNNER=1 or
-    # forced by DFlash drafters that mix sliding and full attention layers (Qwen3.6 drafters).
-    if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "").lower() in ("1", "true"):
-        return "V2 model runner (VLLM_USE_V2_MODEL_RUNNER=1): tree verify is in the V1 runner only"
-    draft = getattr(sc, "draft_model_config", None)
-    layer_types = list(getattr(getattr(draft, "hf_config", None), "layer_types", None) or [])
-    n_sliding = sum(t == "sliding_attention" for t in layer_types)
-    if 0 < n_sliding < len(layer_types):
-        return ("V2 model runner (the drafter mixes sliding and full attention layers): tree "
-                "verify is in the V1 runner only")
+    # Both model runners verify trees (V1: vllm/v1/spec_decode/ddtree.py, V2:
+    # vllm/v1/spec_decode/ddtree_v2.py). DDTREE_V2_TREE=0 is the V2 runner's rollback switch.
+    v2 = v2_runner_cause(sc)
+    if v2 is not None and os.environ.get("DDTREE_V2_TREE", "1") == "0":
+        return f"V2 model runner ({v2}) with DDTREE_V2_TREE=0"
     backend = os.environ.get("VLLM_ATTENTION_BACKEND")
     if backend and backend.upper() not in TREE_CUDA_ATTENTION_BACKENDS:
         return (f"attention backend {backend}: the CUDA tree path reads the KV layout of "
                 f"{', '.join(TREE_CUDA_ATTENTION_BACKENDS)}")
+    return None
+
+
+def v2_runner_cause(sc: Any) -> str | None:
+    """Why vLLM will run the V2 model runner for this config (None: the V1 runner, as far as the
+    speculative config tells). V2 is chosen by VLLM_USE_V2_MODEL_RUNNER=1 or forced by DFlash
+    drafters that mix sliding and full attention layers (the Qwen3.6 drafters)."""
+    if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "").lower() in ("1", "true"):
+        return "VLLM_USE_V2_MODEL_RUNNER=1"
+    draft = getattr(sc, "draft_model_config", None)
+    layer_types = list(getattr(getattr(draft, "hf_config", None), "layer_types", None) or [])
+    n_sliding = sum(t == "sliding_attention" for t in layer_types)
+    if 0 < n_sliding < len(layer_types):
+        return "the drafter mixes sliding and full attention layers"
     return None
 
 

@@ -82,6 +82,7 @@ class TreeVerifyStep:
     gdn_plans: dict = dataclasses.field(default_factory=dict)  # id(GDN metadata) -> _GdnTreePlan
     gdn_layers: list[tuple] = dataclasses.field(default_factory=list)  # (conv, pool, plan, width)
     runner: Any = None  # the GPUModelRunner (block tables of backends whose metadata lacks one)
+    group_block_table: Any = None  # V2 runner: KV-cache group id -> block table in batch order
 
 
 _CURRENT: TreeVerifyStep | None = None
@@ -173,6 +174,8 @@ def _layer_block_table(step: "TreeVerifyStep", layer) -> torch.Tensor:
     gid = next((g for g, grp in enumerate(groups) if layer.layer_name in grp.layer_names), None)
     if gid is None:
         raise RuntimeError(f"DDTree tree verify: layer {layer.layer_name} is in no KV-cache group")
+    if step.group_block_table is not None:
+        return step.group_block_table(gid)
     return runner.input_batch.block_table[gid].get_device_tensor(runner.input_batch.num_reqs)
 
 
