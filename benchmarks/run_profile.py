@@ -357,6 +357,10 @@ def run(profile: prof.Profile, models: Path, model_label: str, out: Path, device
                 wall = clock() - t1
                 guard.record(name, c, wall)
                 stats = spec_delta(before, metrics(server)) if spec is not None else None
+                if stats and stats.get("drafts"):
+                    # drafts scheduled per verify block: the point's own budget (fewer only where
+                    # the scheduler shortened blocks to fit its token budget)
+                    stats["drafts_per_block"] = round(stats["draft_tokens"] / stats["drafts"], 3)
                 al = stats["acceptance_length"] if stats else 1.0
                 point = {"mode": mode_name, "category": cat, "concurrency": c, "requests": n,
                          "server": name, "xargs": xargs, "stage": stage,

@@ -192,6 +192,7 @@ def test_cpu_sweep_smoke_end_to_end(tiny_models, tmp_path):
         assert sd["drafts"] > 0
         want = p["xargs"]["ddtree_budget"] if p["xargs"] else profiles.DFLASH_DEPTH
         assert sd["draft_tokens"] == sd["drafts"] * want, (p["mode"], sd)
+        assert sd["drafts_per_block"] == want
         if p["xargs"]:
             assert p["bench"]["client_argv"][-2:] == ["--extra-body", json.dumps(
                 {"vllm_xargs": p["xargs"]}, sort_keys=True)]

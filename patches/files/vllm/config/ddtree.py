@@ -210,6 +210,12 @@ def validate_ddtree_request(params: Any, sc: Any) -> None:
         raise _request_error(given[0], f"this server runs flat DFlash over the top-1 chain "
                                        f"({sc.ddtree_fallback}); per-request tree shapes need tree "
                                        f"verify", extra[given[0]])
+    v2 = v2_runner_cause(sc)
+    if v2 is not None:  # DDTreeSpeculator (ddtree_v2.py) builds every tree at the server's shape
+        raise _request_error(given[0], f"per-request tree shapes are not supported by the V2 model "
+                                       f"runner ({v2}) yet; this server builds every tree with "
+                                       f"budget={sc.ddtree_budget}, top_k={sc.ddtree_top_k}",
+                             extra[given[0]])
     for key, server_value in (("ddtree_budget", sc.ddtree_budget), ("ddtree_top_k", sc.ddtree_top_k)):
         if key not in extra:
             continue
