@@ -418,9 +418,12 @@ class DDTreeProposer(DFlashProposer):
         hook = _test_draft_hook()
         if hook is not None:
             logits = self._apply_test_hook(hook, logits, next_token_ids)
+        # per-request tree shapes (vllm_xargs ddtree_budget / ddtree_top_k), None if all default
+        row_budget, row_top_k = self._request_shapes(batch, num_speculative_tokens)
         trees = build_tree(root_token_ids=next_token_ids.long(), budget=num_speculative_tokens,
                            top_k=self.ddtree_top_k, draft_logits=logits,
-                           chain_seed=self.ddtree_chain_seed)
+                           chain_seed=self.ddtree_chain_seed, row_budget=row_budget,
+                           row_top_k=row_top_k)
         flat_rows = self._vllm_sampler_rows(batch)
         if flat_rows:
             # Penalties, bad words, logit bias, min_tokens, ... depend on each position's history,
@@ -436,7 +439,7 @@ class DDTreeProposer(DFlashProposer):
             # Grammar-constrained requests verify a chain: vLLM validates drafts and builds
             # bitmasks as a token sequence, which is only right for a path.
             chains = build_tree(root_token_ids=next_token_ids.long(), budget=num_speculative_tokens,
-                                top_k=1, draft_logits=logits, chain_seed=True)
+                                top_k=1, draft_logits=logits, chain_seed=True, row_budget=row_budget)
             rows = torch.tensor(chain_rows, device=trees.token_ids.device)
             for f in ("token_ids", "parents", "depths", "ranks", "scores", "num_nodes", "valid"):
                 getattr(trees, f)[rows] = getattr(chains, f)[rows]
@@ -448,7 +451,30 @@ class DDTreeProposer(DFlashProposer):
         tokens = trees.token_ids[:, 1:]
         # Padding slots must still be valid token ids for the embedding; they are never accepted.
         tokens = torch.where(tokens >= 0, tokens, next_token_ids.long()[:, None].expand_as(tokens))
+        if row_budget is not None:
+            # A request with a smaller budget schedules only its own b drafts (vLLM's runner and
+            # scheduler take per-request draft lists, as from the n-gram proposer): its verify
+            # block is 1 + b tokens, so a smaller tree costs less verify work.
+            rows = tokens.cpu().tolist()
+            return [row[:b] for row, b in zip(rows, row_budget)]
         return tokens.to(torch.int64)
+
+    def _request_shapes(self, batch: int, budget: int) -> tuple[list[int] | None, list[int] | None]:
+        """Per-row (budget, top_k) of the batch from the requests' ``vllm_xargs`` (checked on
+        arrival, at most the server's values); (None, None) when every row uses the server's."""
+        from vllm.config.ddtree import request_tree_shape
+
+        runner = self._ddtree_runner
+        sc = self.speculative_config
+        budgets, top_ks = [], []
+        for rid in runner.input_batch.req_ids[:batch]:
+            req = runner.requests.get(rid)
+            b, k = request_tree_shape(sc, getattr(req, "sampling_params", None))
+            budgets.append(min(b, budget))
+            top_ks.append(min(k, self.ddtree_top_k))
+        if all(b == budget for b in budgets) and all(k == self.ddtree_top_k for k in top_ks):
+            return None, None
+        return budgets, top_ks
 
 
     def _vllm_sampler_rows(self, batch: int) -> list[int]:
@@ -600,7 +626,9 @@ class DDTreeRunnerState:
             picked.append((i, int(cu[i]) - q, q, int(computed[i]), tree))
         if not picked:
             return
-        E, Q = len(picked), self.budget + 1
+        # Q = the step's largest block (<= budget + 1): requests with smaller per-request trees
+        # (vllm_xargs ddtree_budget) do not pay the server's full shape in the masks / attention
+        E, Q = len(picked), max(p[2] for p in picked)
         parents = torch.full((E, Q), -1, dtype=torch.long)
         depths = torch.zeros((E, Q), dtype=torch.long)
         for e, (_, _, q, _, tree) in enumerate(picked):
@@ -639,8 +667,8 @@ class DDTreeRunnerState:
         runner = self.runner
         step = _CURRENT
         num_reqs = runner.input_batch.num_reqs
-        n = self.budget + 1
         num_draft = list(spec_decode_metadata.num_draft_tokens)
+        n = max(num_draft, default=0) + 1  # the step's largest block (<= budget + 1), as vLLM's sampler
         dev = logits.device
         # Per request: tree arrays padded to n node slots; requests without a tree verify a chain
         # of their scheduled drafts (flat rows), which the walk handles as a tree that is a path.
