@@ -20,12 +20,12 @@ import torch
 
 from . import torch_impl
 from .commit import (accepted_state_lines, commit_conv_state_torch, commit_recurrent_state,
-                     conv_commit_plan)
+                     conv_commit_plan, copy_state_lines_torch)
 
 try:
     import triton  # noqa: F401
 
-    from .commit import commit_conv_state_triton
+    from .commit import commit_conv_state_triton, copy_state_lines_triton
     from .tree_conv1d import tree_conv1d_update_triton
     from .tree_delta_rule import tree_gated_delta_rule_triton
     HAS_TRITON = True
@@ -34,7 +34,7 @@ except ImportError:  # pragma: no cover
 
 __all__ = [
     "tree_conv1d_update", "tree_gated_delta_rule", "commit_conv_state", "make_conv_commit_plan",
-    "commit_recurrent_state", "accepted_state_lines", "check_tree", "use_triton",
+    "commit_recurrent_state", "accepted_state_lines", "check_tree", "use_triton", "copy_state_lines",
 ]
 
 _INT_DTYPES = (torch.int32, torch.int64)
@@ -303,3 +303,29 @@ def make_conv_commit_plan(accepted_nodes, num_accepted, width, state_len, placem
         _require(bool((accepted_nodes[:, 0].long()[active] == 0).all()), "accepted_nodes",
                  "every accepted path starts at the root (node 0)")
     return conv_commit_plan(accepted_nodes, num_accepted, width, placement)
+
+
+def copy_state_lines(pool, src_lines, dst_lines, flags, check_values=False, backend=None):
+    """pool[dst_lines[r]] = pool[src_lines[r]] for the requests r with flags[r] (e.g. the recurrent
+    state of the last accepted node -> the line vLLM reads next), with static shapes: the Triton
+    kernel skips unflagged requests on the device, so the host never learns which ones copy (no
+    sync). Lines read must not be written by another request (all reads of a request happen
+    before its writes, not across requests). Triton needs each line to be one contiguous block;
+    other layouts take the torch path (boolean selection: one sync on CUDA).
+    """
+    _require(isinstance(pool, torch.Tensor) and pool.dim() >= 2, "pool", "must be [lines, ...]")
+    R = src_lines.shape[0] if isinstance(src_lines, torch.Tensor) else -1
+    _check_index(src_lines, "src_lines", (R,), pool.device)
+    _check_index(dst_lines, "dst_lines", (R,), pool.device)
+    _require(isinstance(flags, torch.Tensor) and tuple(flags.shape) == (R,)
+             and flags.device == pool.device, "flags", f"must be a [{R}] tensor on {pool.device}")
+    if check_values:
+        sel = flags.bool()
+        for name, lines in (("src_lines", src_lines), ("dst_lines", dst_lines)):
+            vals = lines.long()[sel]
+            _require(bool(((vals >= 0) & (vals < pool.shape[0])).all()), name, "out of range")
+        _check_unique_lines(dst_lines, sel, "dst_lines")
+    if use_triton(pool, backend) and pool.shape[0] and pool[0].is_contiguous():
+        copy_state_lines_triton(pool, src_lines, dst_lines, flags)
+    else:
+        copy_state_lines_torch(pool, src_lines, dst_lines, flags)
