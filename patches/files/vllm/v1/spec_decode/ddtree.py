@@ -839,7 +839,7 @@ class DDTreeRunnerState:
             seen.add(kv_cache.data_ptr())
             if id(plan) not in moves:
                 Q = step.visible.shape[1]
-                pos = plan.key_pos.new_tensor(step.prefix_lens)[:, None] + torch.arange(
+                pos = step.prefix_lens.to(plan.slots.device)[:, None] + torch.arange(
                     Q, device=plan.slots.device)[None, :]
                 block_slots = plan.slots.gather(1, pos.clamp(max=plan.slots.shape[1] - 1))
                 moves[id(plan)] = _kv_moves(block_slots, step, acc_dev, nacc_dev, static=True)
