@@ -65,7 +65,8 @@ def _require(cond: bool, field: str, msg):
 def _check_index(t, name, shape, device):
     _require(isinstance(t, torch.Tensor), name, "must be a tensor")
     _require(t.dtype in _INT_DTYPES, name, lambda: f"must be int32/int64, got {t.dtype}")
-    _require(tuple(t.shape) == tuple(shape), name, lambda: f"expected shape {tuple(shape)}, got {tuple(t.shape)}")
+    _require(tuple(t.shape) == tuple(shape), name,
+             lambda: f"expected shape {tuple(shape)}, got {tuple(t.shape)}")
     _require(t.device == device, name, lambda: f"on {t.device}, expected {device}")
 
 
@@ -202,7 +203,8 @@ def tree_gated_delta_rule(q, k, v, a, b, A_log, dt_bias, parents, num_nodes, sta
     _check_index(initial_state_indices, "initial_state_indices", (B,), q.device)
     _require(node_state_indices.dim() == 2 and node_state_indices.shape[0] == B
              and node_state_indices.shape[1] >= N and node_state_indices.stride(1) == 1,
-             "node_state_indices", lambda: f"must be [B, >= N] with contiguous rows, got {tuple(node_state_indices.shape)}")
+             "node_state_indices",
+             lambda: f"must be [B, >= N] with contiguous rows, got {tuple(node_state_indices.shape)}")
     _check_index(node_state_indices, "node_state_indices", node_state_indices.shape, q.device)
     if scale is None:
         scale = K ** -0.5
@@ -297,7 +299,8 @@ def make_conv_commit_plan(accepted_nodes, num_accepted, width, state_len, placem
     if check_values:
         S = state_len
         nacc = num_accepted.long()
-        _require(bool(((nacc >= 0) & (nacc <= L)).all()), "num_accepted", lambda: f"values must lie in [0, {L}]")
+        _require(bool(((nacc >= 0) & (nacc <= L)).all()), "num_accepted",
+                 lambda: f"values must lie in [0, {L}]")
         in_path = torch.arange(L, device=accepted_nodes.device)[None, :] < nacc[:, None]
         nodes = accepted_nodes.long()[in_path]
         _require(bool(((nodes >= 0) & (nodes + width - 2 < S)).all()), "accepted_nodes",
