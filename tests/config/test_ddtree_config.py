@@ -166,18 +166,21 @@ def test_cuda_tree_path_reasons(fake_cuda, monkeypatch):
     from vllm.config.ddtree import tree_path_unsupported_reason
 
     assert tree_path_unsupported_reason(_sc(["full_attention"])) is None
-    # the V2 runner (forced by a mixed sliding/full drafter, or chosen) verifies trees too ...
+    # the V2 runner (forced by a mixed sliding/full drafter, or chosen) runs flat DFlash by default,
+    # with the reason naming V2 (its tree path is opt-in until GPU-verified) ...
     mixed = ["sliding_attention", "full_attention"]
-    assert tree_path_unsupported_reason(_sc(mixed)) is None
-    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
-    assert tree_path_unsupported_reason(_sc()) is None
-    # ... unless its rollback switch is off: then flat DFlash, with the reason naming V2
-    monkeypatch.setenv("DDTREE_V2_TREE", "0")
-    assert "V2 model runner (VLLM_USE_V2_MODEL_RUNNER=1)" in tree_path_unsupported_reason(_sc())
-    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER")
     assert "mixes sliding and full" in tree_path_unsupported_reason(_sc(mixed))
-    assert tree_path_unsupported_reason(_sc(["full_attention"])) is None  # V1: switch irrelevant
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    assert "V2 model runner (VLLM_USE_V2_MODEL_RUNNER=1)" in tree_path_unsupported_reason(_sc())
+    monkeypatch.setenv("DDTREE_V2_TREE", "0")
+    assert "DDTREE_V2_TREE=1" in tree_path_unsupported_reason(_sc())
+    # ... and verifies trees with DDTREE_V2_TREE=1
+    monkeypatch.setenv("DDTREE_V2_TREE", "1")
+    assert tree_path_unsupported_reason(_sc()) is None
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER")
+    assert tree_path_unsupported_reason(_sc(mixed)) is None
     monkeypatch.delenv("DDTREE_V2_TREE")
+    assert tree_path_unsupported_reason(_sc(["full_attention"])) is None  # V1: switch irrelevant
     monkeypatch.setenv("VLLM_ATTENTION_BACKEND", "FLASHINFER")
     assert tree_path_unsupported_reason(_sc()) is None
     monkeypatch.setenv("VLLM_ATTENTION_BACKEND", "FLEX_ATTENTION")
