@@ -832,6 +832,8 @@ def parse_args(argv=None):
     ap.add_argument("--chain-prompts", type=int, default=20,
                     help="held-out prompts of the engine-like acceptance (the first ones of "
                          "measure_tiny_pair.py's list)")
+    ap.add_argument("--chain-train-prompts", type=int, default=20,
+                    help="the same on training-file prompts (0: skip)")
     ap.add_argument("--chain-tokens", type=int, default=64,
                     help="greedy tokens per prompt of the engine-like acceptance")
     ap.add_argument("--eval-windows", type=int, default=400, help="held-out perplexity windows")
@@ -886,12 +888,13 @@ def parse_args(argv=None):
                 setattr(args, attr, value)
     if args.smoke:
         args.seq_len, args.batch, args.target_steps, args.warmup = 32, 4, 3, 2
-        args.gen_prompts, args.gen_prompt_lens, args.gen_batch = 4, "8,12", 2
+        args.gen_prompts, args.gen_prompt_lens, args.gen_batch = min(args.gen_prompts, 4), "8,12", 2
         args.drafter_steps = min(args.drafter_steps, 4)
         args.drafter_batch, args.blocks_per_seq = 2, 3
         args.max_files = args.max_files or 40
         args.n_eval, args.eval_windows, args.drafter_layers = 4, 8, 1
         args.real_windows, args.chain_prompts, args.chain_tokens = 6, 1, 8
+        args.chain_train_prompts = min(args.chain_train_prompts, 1)
     args.gen_len = args.gen_len or args.seq_len
     args.real_len = args.real_len or args.seq_len
     if args.drafter_only and args.target is None:
@@ -1091,9 +1094,13 @@ def main(argv=None) -> int:
     chain_held = engine_like_acceptance(
         target, tap, drafter, file_start_prompts(encode, held_files, args.chain_prompts, chain_min,
                                                  chain_max), args.chain_tokens, mask_id, device)
-    chain_train = engine_like_acceptance(
-        target, tap, drafter, file_start_prompts(encode, train_files, args.chain_prompts, chain_min,
-                                                 chain_max), args.chain_tokens, mask_id, device)
+    chain_train = None
+    if args.chain_train_prompts > 0:
+        chain_train = engine_like_acceptance(
+            target, tap, drafter, file_start_prompts(encode, train_files, args.chain_train_prompts,
+                                                     chain_min, chain_max),
+            args.chain_tokens, mask_id, device)
+    train_al = f"{chain_train['acceptance_length']:.2f}" if chain_train else "-"
     al_gen = torch.Generator().manual_seed(args.seed + 41)
     al_held = per_anchor_acceptance(target, drafter, eval_cache, eval_lo, mask_id, device, 8, al_gen)
     al_train = None
@@ -1102,7 +1109,7 @@ def main(argv=None) -> int:
                                          mask_id, device, 8, al_gen)
     log(f"ENGINE-LIKE flat-DFlash acceptance length (chain over the first {args.chain_tokens} greedy "
         f"tokens of {chain_held['prompts']} prompts, as measure_tiny_pair.py runs vLLM): held-out "
-        f"{chain_held['acceptance_length']:.2f}, training files {chain_train['acceptance_length']:.2f}")
+        f"{chain_held['acceptance_length']:.2f}, training files {train_al}")
     log(f"  accepted per draft position (held-out): "
         f"{' '.join(map(str, chain_held['accepted_per_position']))} of {chain_held['drafts']} drafts")
     log(f"per-anchor average inside greedy continuations (recipe v2 metric, overstates): held-out "
@@ -1201,7 +1208,7 @@ def main(argv=None) -> int:
     print(f"| target | drafter | engine-like AL held-out | train files | per-anchor AL (old) |\n"
           f"| {n_target / 1e6:.2f}M ppl {math.exp(nll):.2f} | {dcfg['layers']} layers "
           f"{n_drafter / 1e6:.2f}M | {chain_held['acceptance_length']:.2f} | "
-          f"{chain_train['acceptance_length']:.2f} | {al_held:.2f} |", flush=True)
+          f"{train_al} | {al_held:.2f} |", flush=True)
     log(f"wrote {work} (target {sizes['target'] / 1e6:.1f} MB, drafter {sizes['drafter'] / 1e6:.1f} MB)")
     return 0
 
