@@ -27,6 +27,14 @@ class TreeAttentionPlan:
     query_rows: torch.Tensor  # [E, Q] long: row of query i of request e in the flattened batch
     query_valid: torch.Tensor  # [E, Q] bool: real query rows (q_len of each request)
     query_pos: torch.Tensor  # [E, Q] long: absolute position of each query
+    # Host copies and precomputed indices, so that no layer needs a device->host sync:
+    kv_lens_host: list[int] | None = None  # [E] prefix + q_len of each request
+    q_lens_host: list[int] | None = None  # [E]
+    write_rows: torch.Tensor | None = None  # [sum q_len] long: output row of each real query
+    write_src: torch.Tensor | None = None  # [sum q_len] long: its row in the flattened [E * Q] result
+    # additive SDPA masks per (sliding window, dtype), built by the first layer that needs one
+    _masks: dict = dataclasses.field(default_factory=dict, repr=False)
+    _groups: dict = dataclasses.field(default_factory=dict, repr=False)  # (a, b) -> sub-plan
 
     @property
     def num_requests(self) -> int:
@@ -34,10 +42,41 @@ class TreeAttentionPlan:
 
     def rows(self, a: int, b: int) -> "TreeAttentionPlan":
         """The plan of requests a..b-1 (keys trimmed to their longest sequence)."""
+        if self.kv_lens_host is not None and self.q_lens_host is not None:
+            L = max(self.kv_lens_host[a:b]) if b > a else 1
+            first = sum(self.q_lens_host[:a])
+            count = sum(self.q_lens_host[a:b])
+            Q = self.query_rows.shape[1]
+            write_rows = self.write_rows[first:first + count]
+            write_src = self.write_src[first:first + count] - a * Q
+            return TreeAttentionPlan(self.slots[a:b, :L], self.key_pos[a:b, :L],
+                                     self.key_valid[a:b, :, :L], self.query_rows[a:b],
+                                     self.query_valid[a:b], self.query_pos[a:b],
+                                     self.kv_lens_host[a:b], self.q_lens_host[a:b], write_rows,
+                                     write_src)
         L = int(self.key_valid[a:b].any(dim=1).any(dim=0).nonzero().max()) + 1 if b > a else 1
         return TreeAttentionPlan(self.slots[a:b, :L], self.key_pos[a:b, :L],
                                  self.key_valid[a:b, :, :L], self.query_rows[a:b],
                                  self.query_valid[a:b], self.query_pos[a:b])
+
+    def sdpa_mask(self, sliding_window: int | None, dtype: torch.dtype) -> torch.Tensor:
+        """[E, 1, Q, L] additive mask (0 visible, -inf hidden) in ``dtype``, built once per window
+        and dtype and shared by the layers. Boolean masks are converted to exactly this by SDPA on
+        every call; the storage's last dim is padded to a multiple of 8 elements so that the
+        memory-efficient kernel takes it without copying it into an aligned buffer."""
+        key = (sliding_window, dtype)
+        mask = self._masks.get(key)
+        if mask is None:
+            visible = self.key_valid
+            if sliding_window is not None and sliding_window > 0:
+                near = (self.query_pos[:, :, None] - self.key_pos[:, None, :]) < sliding_window
+                visible = visible & (near | ~self.query_valid[:, :, None])
+            E, Q, L = visible.shape
+            storage = torch.zeros((E, 1, Q, (L + 7) // 8 * 8), dtype=dtype, device=visible.device)
+            mask = storage[..., :L]
+            mask.masked_fill_(~visible[:, None], float("-inf"))
+            self._masks[key] = mask
+        return mask
 
 
 def paged_tree_attention_chunked(query: torch.Tensor, output: torch.Tensor, read_kv, plan:
@@ -54,7 +93,13 @@ def paged_tree_attention_chunked(query: torch.Tensor, output: torch.Tensor, read
     per_request = max(1, plan.slots.shape[1] * H * D * 2)
     group = max(1, max_kv_elements // per_request)
     for a in range(0, E, group):
-        sub = plan if (a == 0 and group >= E) else plan.rows(a, min(E, a + group))
+        if a == 0 and group >= E:
+            sub = plan
+        else:  # sub-plans (and their masks) are built by the first layer and reused by the others
+            b = min(E, a + group)
+            sub = plan._groups.get((a, b))
+            if sub is None:
+                sub = plan._groups[(a, b)] = plan.rows(a, b)
         k, v = read_kv(sub.slots)
         out = tree_attention_batched(query, k, v, sub, scale, sliding_window, compute_dtype)
         write_tree_rows(output, out, sub)
@@ -77,13 +122,26 @@ def plan_tree_attention(block_table: torch.Tensor, block_size: int, req_rows: to
     if visible.shape != (E, Q, Q) or depths.shape != (E, Q):
         raise ValueError(f"visible must be [E, Q, Q] and depths [E, Q]; got {tuple(visible.shape)}, "
                          f"{tuple(depths.shape)} for E={E}")
-    if E and int(q_lens.max()) > Q:
-        raise ValueError(f"q_lens: a block of {int(q_lens.max())} tokens exceeds Q={Q}")
-    req_rows, starts = req_rows.to(dev).long(), starts.to(dev).long()
-    prefix, qlen = prefix_lens.to(dev).long(), q_lens.to(dev).long()
+    # The host needs the lengths (key count, rows to write back): take them from the inputs, which
+    # the runner keeps on the CPU (then this costs no device sync; device inputs cost one copy).
+    lens_host = torch.stack([starts.long(), prefix_lens.long(), q_lens.long()]).cpu()
+    starts_h, prefix_h, qlen_h = lens_host
+    if E and int(qlen_h.max()) > Q:
+        raise ValueError(f"q_lens: a block of {int(qlen_h.max())} tokens exceeds Q={Q}")
+    kv_len_h = prefix_h + qlen_h
+    L = int(kv_len_h.max()) if E else 1
+    # real query i of request e: output row starts[e] + i <- result row e * Q + i
+    req_of = torch.repeat_interleave(torch.arange(E), qlen_h)
+    first = torch.cumsum(qlen_h, 0) - qlen_h
+    i_of = torch.arange(req_of.numel()) - first[req_of]
+    index_h = torch.stack([starts_h[req_of] + i_of, req_of * Q + i_of])
+    # one host->device copy for all the per-request vectors
+    packed = torch.cat([torch.stack([req_rows.cpu().long(), starts_h, prefix_h, qlen_h]).flatten(),
+                        index_h.flatten()]).to(dev)
+    req_rows, starts, prefix, qlen = packed[: 4 * E].view(4, E)
+    write_rows, write_src = packed[4 * E:].view(2, -1)
     visible, depths = visible.to(dev), depths.to(dev).long()
     kv_len = prefix + qlen
-    L = int(kv_len.max()) if E else 1
     j = torch.arange(L, device=dev)[None, :]  # key index
     used = j < kv_len[:, None]
     blocks = block_table.long()[req_rows[:, None], (j // block_size).clamp(max=block_table.shape[1] - 1)]
@@ -102,7 +160,9 @@ def plan_tree_attention(block_table: torch.Tensor, block_size: int, req_rows: to
     key_valid[:, :, 0] |= ~query_valid
     query_rows = torch.where(query_valid, starts[:, None] + i, starts[:, None])
     return TreeAttentionPlan(slots=slots, key_pos=key_pos, key_valid=key_valid,
-                             query_rows=query_rows, query_valid=query_valid, query_pos=node_pos)
+                             query_rows=query_rows, query_valid=query_valid, query_pos=node_pos,
+                             kv_lens_host=kv_len_h.tolist(), q_lens_host=qlen_h.tolist(),
+                             write_rows=write_rows, write_src=write_src)
 
 
 def tree_attention_batched(query: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -118,23 +178,23 @@ def tree_attention_batched(query: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     Hkv = k.shape[2]
     if H % Hkv:
         raise ValueError(f"query heads ({H}) must be a multiple of kv heads ({Hkv})")
-    mask = plan.key_valid
-    if sliding_window is not None and sliding_window > 0:
-        near = (plan.query_pos[:, :, None] - plan.key_pos[:, None, :]) < sliding_window
-        mask = mask & (near | ~plan.query_valid[:, :, None])
     dt = compute_dtype or query.dtype
+    mask = plan.sdpa_mask(sliding_window, dt)
     q = query[plan.query_rows.flatten()].view(E, Q, H, D).transpose(1, 2).to(dt)
     kk, vv = k.transpose(1, 2).to(dt), v.transpose(1, 2).to(dt)
     if Hkv != H:
         kk = kk.repeat_interleave(H // Hkv, dim=1)
         vv = vv.repeat_interleave(H // Hkv, dim=1)
-    out = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask[:, None], scale=scale)
+    out = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask, scale=scale)
     return out.transpose(1, 2).to(query.dtype)
 
 
 def write_tree_rows(output: torch.Tensor, out: torch.Tensor, plan: TreeAttentionPlan) -> None:
     """output [T, H, D] <- the real rows of out [E, Q, H, D]."""
-    output[plan.query_rows[plan.query_valid]] = out[plan.query_valid]
+    if plan.write_rows is None:  # a plan built without host lengths (boolean indexing syncs)
+        output[plan.query_rows[plan.query_valid]] = out[plan.query_valid]
+        return
+    output[plan.write_rows] = out.reshape(-1, *out.shape[2:])[plan.write_src]
 
 
 def paged_kv_rows(kv_cache: torch.Tensor, head_size: int, slots: torch.Tensor):

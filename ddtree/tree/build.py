@@ -22,6 +22,13 @@ why the tie rule uses the parent's slot and not the lexicographic rank tuple). H
 pick over all depths is laid out as (depth, beam slot) the same way. Both selections use one int64
 key per candidate -- (forced, valid, order-preserving score bits, inverted flat index) -- so a plain
 ``topk`` with unique keys reproduces the rule bit for bit on CPU and GPU.
+
+Per-request shapes. ``row_budget`` / ``row_top_k`` give each request its own node budget b_r <= budget
+and branching limit k_r <= top_k in the same batched build: candidates of rank >= k_r are invalid,
+the chain seed is min(L_eff, b_r) long, and only the first b_r picks are kept (the rest is padding,
+as when a budget cannot be filled). A beam of ``budget`` >= b_r per depth still holds every node the
+per-request heap can pick (same argument as above), so row r equals a build with (b_r, k_r) alone,
+padded to the batch's ``budget + 1`` slots.
 """
 
 from __future__ import annotations
@@ -106,6 +113,33 @@ def prepare_build_inputs(
     return logq.contiguous(), ids.contiguous(), root, limit
 
 
+def prepare_row_shapes(batch: int, budget: int, top_k: int, row_budget, row_top_k,
+                       device) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Validate per-request budgets / top-k (host values: lists or CPU integer tensors, as the
+    serving glue builds them from request settings) and move them to ``device``.
+
+    Returns ([B] long or None, [B] long or None); None where not given."""
+    out = []
+    for name, values, hi in (("row_budget", row_budget, budget), ("row_top_k", row_top_k, top_k)):
+        if values is None:
+            out.append(None)
+            continue
+        if isinstance(values, torch.Tensor):
+            _require(values.device.type == "cpu" and not values.is_floating_point() and values.dim() == 1,
+                     name, "expected a 1-D integer CPU tensor (values are checked on the host)")
+            t = values.to(torch.long)
+        else:
+            _require(all(isinstance(v, int) and not isinstance(v, bool) for v in values), name,
+                     f"expected integers, got {list(values)!r}")
+            t = torch.tensor(list(values), dtype=torch.long)
+        _require(t.shape[0] == batch, name, f"expected {batch} values, got {t.shape[0]}")
+        bad = (t < 1) | (t > hi)
+        _require(not bool(bad.any()), name,
+                 f"values must be in [1, {hi}] (the batch's {name[4:]}), got {t.tolist()}")
+        out.append(t.to(device, non_blocking=True))
+    return out[0], out[1]
+
+
 def order_keys(score: torch.Tensor, valid: torch.Tensor, flat_index: torch.Tensor, index_bits: int,
                forced: torch.Tensor | None = None) -> torch.Tensor:
     """int64 keys whose descending order is (forced, valid, score desc, flat index asc); all unique."""
@@ -129,6 +163,8 @@ def build_tree(
     topk_ids: torch.Tensor | None = None,
     chain_seed: bool = True,
     depth_limit: torch.Tensor | None = None,
+    row_budget=None,
+    row_top_k=None,
     backend: str = "auto",
 ) -> DraftTree:
     """Build a batch of DDTree draft trees (see the module docstring for the exact rule).
@@ -136,7 +172,10 @@ def build_tree(
     Give either ``draft_logits`` [B, L, V] (logits or log-probs; log-softmaxed here) or the drafter's
     precomputed ``topk_logprobs``/``topk_ids`` [B, L, K'] (log-softmax values sorted descending,
     K' >= top_k, distinct ids per depth). ``depth_limit`` [B] caps each request's depth (0 = root only).
-    No host synchronisation and static shapes: safe to capture in a CUDA graph.
+    ``row_budget`` / ``row_top_k`` (lists or CPU integer tensors of B values in [1, budget] /
+    [1, top_k]): per-request tree shape in the same build; row r is padded to ``budget + 1`` slots.
+    No host synchronisation and static shapes: safe to capture in a CUDA graph (per-row shapes are
+    host values copied to the device).
     backend: "torch" (batched torch ops, any device), "triton" (one kernel launch per build; CUDA, or
     CPU under TRITON_INTERPRET=1), "auto" (triton on CUDA when importable, else torch). Identical output.
     """
@@ -145,12 +184,13 @@ def build_tree(
     logq, ids, root, limit = prepare_build_inputs(
         root_token_ids=root_token_ids, budget=budget, top_k=top_k, draft_logits=draft_logits,
         topk_logprobs=topk_logprobs, topk_ids=topk_ids, depth_limit=depth_limit)
+    row_b, row_k = prepare_row_shapes(logq.shape[0], budget, top_k, row_budget, row_top_k, logq.device)
     if backend == "auto":
         backend = "triton" if logq.is_cuda and _triton_available() else "torch"
     if backend == "triton":
         from .build_triton import build_from_topk_triton
-        return build_from_topk_triton(logq, ids, root, limit, budget, bool(chain_seed))
-    return _build_from_topk(logq, ids, root, limit, budget, bool(chain_seed))
+        return build_from_topk_triton(logq, ids, root, limit, budget, bool(chain_seed), row_b, row_k)
+    return _build_from_topk(logq, ids, root, limit, budget, bool(chain_seed), row_b, row_k)
 
 
 def _triton_available() -> bool:
@@ -161,7 +201,9 @@ def _triton_available() -> bool:
     return True
 
 
-def _build_from_topk(logq, ids, root, limit, budget: int, chain_seed: bool) -> DraftTree:
+def _build_from_topk(logq, ids, root, limit, budget: int, chain_seed: bool,
+                     row_budget: torch.Tensor | None = None,
+                     row_top_k: torch.Tensor | None = None) -> DraftTree:
     B, L, K = logq.shape
     M = budget  # beam width per depth
     N = budget + 1
@@ -177,10 +219,14 @@ def _build_from_topk(logq, ids, root, limit, budget: int, chain_seed: bool) -> D
     beam_valid = torch.zeros((B, M), dtype=torch.bool, device=dev)
     beam_valid[:, 0] = True
 
+    # per-request branching limit: ranks >= k_r are never candidates
+    rank_ok = None if row_top_k is None else (cand_rank[None, :] < row_top_k[:, None])  # [B, M*K]
     scores, valids, parents, ranks = [], [], [], []
     for d in range(L):
         cand = (beam_score[:, :, None] + logq[:, d, None, :]).reshape(B, M * K)
         cvalid = (beam_valid[:, :, None] & (limit > d)[:, None, None]).expand(B, M, K).reshape(B, M * K)
+        if rank_ok is not None:
+            cvalid = cvalid & rank_ok
         keys = order_keys(cand, cvalid, cand_index, index_bits)
         pick = torch.topk(keys, M, dim=1, largest=True, sorted=True).indices
         beam_score = cand.gather(1, pick)
@@ -200,12 +246,14 @@ def _build_from_topk(logq, ids, root, limit, budget: int, chain_seed: bool) -> D
     forced = None
     if chain_seed:
         # Slot 0 of every depth is the top-1 chain node (it leads its depth under the key).
-        chain_len = limit.clamp(max=budget)
+        chain_len = limit.clamp(max=budget) if row_budget is None else torch.minimum(limit, row_budget)
         forced = (slot_of == 0)[None, :] & (depth_of[None, :] <= chain_len[:, None])
     keys = order_keys(all_score, all_valid, flat, index_bits, forced)
     sel = torch.topk(keys, budget, dim=1, largest=True, sorted=True).indices  # [B, budget]
 
     sel_valid = all_valid.gather(1, sel)
+    if row_budget is not None:  # keep the first b_r picks of row r (the order is the heap's)
+        sel_valid = sel_valid & (torch.arange(budget, device=dev)[None, :] < row_budget[:, None])
     sel_depth = depth_of[sel]
     sel_rank = all_rank.gather(1, sel)
     sel_score = all_score.gather(1, sel)

@@ -34,7 +34,7 @@ def _decode_score(key, IB: tl.constexpr):
 
 @triton.jit
 def _ddtree_build_kernel(
-    logq_ptr, ids_ptr, limit_ptr, root_ptr,
+    logq_ptr, ids_ptr, limit_ptr, root_ptr, rbud_ptr, rtopk_ptr,
     beam_score_ptr, beam_valid_ptr, beam_parent_ptr, beam_rank_ptr, pos_ptr,
     tok_ptr, par_ptr, depth_ptr, rank_ptr, score_ptr, valid_ptr, num_ptr,
     L, K,
@@ -44,6 +44,8 @@ def _ddtree_build_kernel(
     b = tl.program_id(0).to(tl.int64)
     N: tl.constexpr = M + 1
     lim = tl.load(limit_ptr + b)
+    rb = tl.load(rbud_ptr + b)  # this request's budget (<= M) and branching limit (<= K)
+    rk_lim = tl.load(rtopk_ptr + b)
     slots = tl.arange(0, MP)
     ks = tl.arange(0, KP)
     score = tl.where(slots == 0, 0.0, float("-inf"))
@@ -53,7 +55,7 @@ def _ddtree_build_kernel(
     for d in range(0, L):
         lq = tl.load(logq_ptr + (b * L + d) * K + ks, mask=ks < K, other=float("-inf"))
         cand = score[:, None] + lq[None, :]
-        cvalid = valid[:, None] & (ks < K)[None, :] & (d < lim)
+        cvalid = valid[:, None] & (ks < rk_lim)[None, :] & (d < lim)
         top = tl.topk(tl.reshape(_keys(cand, cvalid, flat, IB), [MP * KP]), MP)
         f = idx_mask - (top & idx_mask)
         valid = (((top >> (32 + IB)) & 1) != 0) & (slots < M)
@@ -72,7 +74,7 @@ def _ddtree_build_kernel(
     vd = tl.load(beam_valid_ptr + offs, mask=inside, other=0) != 0
     key = _keys(sc, vd, dd[:, None] * MP + slots[None, :], IB)
     if CHAIN:
-        chain_len = tl.minimum(lim, M)
+        chain_len = tl.minimum(lim, rb)
         forced = (slots[None, :] == 0) & (dd[:, None] < chain_len)
         key = key | (forced.to(tl.int64) << (33 + IB))
     top = tl.topk(tl.reshape(key, [LP * MP]), BP)
@@ -80,7 +82,7 @@ def _ddtree_build_kernel(
     f = idx_mask - (top & idx_mask)
     d_sel = f // MP
     i_sel = f % MP
-    v_sel = (((top >> (32 + IB)) & 1) != 0) & (j < M)
+    v_sel = (((top >> (32 + IB)) & 1) != 0) & (j < rb)
     s_sel = _decode_score(top, IB)
     prow = tl.load(beam_parent_ptr + (b * LP + d_sel) * MP + i_sel, mask=v_sel, other=0).to(tl.int64)
     rk = tl.load(beam_rank_ptr + (b * LP + d_sel) * MP + i_sel, mask=v_sel, other=0).to(tl.int64)
@@ -110,9 +112,16 @@ def _pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def build_from_topk_triton(logq, ids, root, limit, budget: int, chain_seed: bool) -> DraftTree:
+def build_from_topk_triton(logq, ids, root, limit, budget: int, chain_seed: bool,
+                           row_budget: torch.Tensor | None = None,
+                           row_top_k: torch.Tensor | None = None) -> DraftTree:
     B, L, K = logq.shape
     dev = logq.device
+    # per-request shapes (validated by the caller); defaults: the batch's budget and top_k
+    rbud = (torch.full((B,), budget, dtype=torch.long, device=dev) if row_budget is None
+            else row_budget.to(dev, torch.long).contiguous())
+    rtopk = (torch.full((B,), K, dtype=torch.long, device=dev) if row_top_k is None
+             else row_top_k.to(dev, torch.long).contiguous())
     M, N = budget, budget + 1
     # >= 2: tl.topk with k = 1 collapses to a scalar
     MP, KP, LP, BP = max(2, _pow2(M)), _pow2(K), _pow2(L), max(2, _pow2(M))
@@ -130,7 +139,7 @@ def build_from_topk_triton(logq, ids, root, limit, budget: int, chain_seed: bool
     valid = torch.empty((B, N), dtype=torch.int8, device=dev)
     num = torch.empty((B,), dtype=torch.long, device=dev)
     _ddtree_build_kernel[(B,)](
-        logq, ids, limit, root, beam_score, beam_valid, beam_parent, beam_rank, pos,
+        logq, ids, limit, root, rbud, rtopk, beam_score, beam_valid, beam_parent, beam_rank, pos,
         tok, par, depth, rank, score, valid, num, L, K,
         M=M, CHAIN=bool(chain_seed), MP=MP, KP=KP, LP=LP, BP=BP, IB=IB,
         num_warps=4 if MP * KP <= 256 else 8,

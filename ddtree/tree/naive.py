@@ -11,7 +11,7 @@ import heapq
 import numpy as np
 import torch
 
-from .build import prepare_build_inputs
+from .build import prepare_build_inputs, prepare_row_shapes
 from .types import DraftTree, WalkResult
 
 
@@ -25,11 +25,15 @@ def build_tree_naive(
     topk_ids: torch.Tensor | None = None,
     chain_seed: bool = True,
     depth_limit: torch.Tensor | None = None,
+    row_budget=None,
+    row_top_k=None,
 ) -> DraftTree:
     """Reference heap best-first build (same arguments and ordering rule as ``build.build_tree``).
 
     Heap entries are (-score, depth, parent slot, rank): pop the best, append it, push its next
     sibling and its first child. Scores are float32 running sums, as in the fast path.
+    Per-request shapes: request r stops at ``row_budget[r]`` nodes and never pushes a rank
+    >= ``row_top_k[r]``; its remaining slots up to ``budget + 1`` are padding.
     """
     logq_t, ids_t, root_t, limit_t = prepare_build_inputs(
         root_token_ids=root_token_ids, budget=budget, top_k=top_k, draft_logits=draft_logits,
@@ -40,6 +44,9 @@ def build_tree_naive(
     limits = limit_t.cpu().tolist()
     B, L, K = logq.shape
     N = budget + 1
+    row_b, row_k = prepare_row_shapes(B, budget, top_k, row_budget, row_top_k, "cpu")
+    budgets = [budget] * B if row_b is None else row_b.tolist()
+    top_ks = [K] * B if row_k is None else row_k.tolist()
     out = {name: np.full((B, N), -1, dtype=np.int64) for name in ("token_ids", "parents", "ranks")}
     depths = np.zeros((B, N), dtype=np.int64)
     scores = np.full((B, N), -np.inf, dtype=np.float32)
@@ -47,19 +54,20 @@ def build_tree_naive(
 
     for b in range(B):
         lim = limits[b]
+        n_max, k_max = budgets[b] + 1, top_ks[b]
         # node: (parent slot, depth, rank, score)
         nodes = [(-1, 0, -1, np.float32(0.0))]
         heap: list = []
 
         def push(parent: int, rank: int) -> None:
             depth = nodes[parent][1] + 1
-            if depth > lim or rank >= K:
+            if depth > lim or rank >= k_max:
                 return
             score = np.float32(nodes[parent][3] + logq[b, depth - 1, rank])
             heapq.heappush(heap, (-float(score), depth, parent, rank, score))
 
         if chain_seed:
-            chain = min(lim, budget)
+            chain = min(lim, n_max - 1)
             for d in range(1, chain + 1):
                 parent = d - 1
                 nodes.append((parent, d, 0, np.float32(nodes[parent][3] + logq[b, d - 1, 0])))
@@ -68,7 +76,7 @@ def build_tree_naive(
             push(chain, 0)  # first child of the chain's end (only reachable if chain < budget)
         else:
             push(0, 0)
-        while len(nodes) < N and heap:
+        while len(nodes) < n_max and heap:
             _, depth, parent, rank, score = heapq.heappop(heap)
             nodes.append((parent, depth, rank, score))
             push(parent, rank + 1)

@@ -37,14 +37,27 @@ def test_prompt_sets_are_deterministic_and_categorised(tmp_path):
 def test_every_profile_is_well_formed():
     for p in profiles.PROFILES.values():
         assert p.modes and p.concurrency and p.categories
-        assert set(p.categories) <= set(prompt_sets.CATEGORIES)
-        assert max(p.concurrency) <= p.max_num_seqs, p.name
         assert len({m.name for m in p.modes}) == len(p.modes), p.name
-        for c in p.concurrency:
+        for _, cat, c, _ in p.points():
+            assert cat in prompt_sets.CATEGORIES
+            assert c <= p.max_num_seqs, p.name
             assert p.requests(c) >= c or p.requests(c) == p.max_requests
+        for m in p.all_modes():  # per-request shapes within their server's maxima
+            if m.xargs:
+                assert m.xargs["ddtree_budget"] <= m.spec["ddtree_budget"]
+                assert m.xargs["ddtree_top_k"] <= m.spec["ddtree_top_k"]
+        if any(m.pick_best for m in p.all_modes()):
+            assert p.best_of and all(cat in p.categories and c in p.concurrency for cat, c in p.best_of)
     sweep = profiles.PROFILES["gpu-ddtree-sweep"]
-    spec = next(m for m in sweep.modes if m.name == "ddtree-b32-k8").speculative_config("/d")
-    assert spec == {"method": "dflash_ddtree", "ddtree_budget": 32, "ddtree_top_k": 8, "model": "/d"}
+    # every shape on one server at the sweep's maxima, the shape itself sent per request
+    mode = next(m for m in sweep.modes if m.name == "ddtree-b32-k2")
+    assert mode.speculative_config("/d") == {"method": "dflash_ddtree", "ddtree_budget": 64,
+                                             "ddtree_top_k": 8, "model": "/d"}
+    assert mode.xargs == {"ddtree_budget": 32, "ddtree_top_k": 2}
+    assert sweep.servers() == ["dflash", "ddtree-server-b64-k8"]
+    twelve = profiles.PROFILES["gpu-sweep-12min"]
+    assert twelve.servers() == ["ddtree-server-b64-k8", "dflash", "nospec"]
+    assert "--enforce-eager" in twelve.extra_server_args
 
 
 def _write_model(folder: Path, cfg: dict, nbytes: int) -> None:

@@ -31,6 +31,7 @@ def main() -> None:
     params = [SamplingParams(**{"max_tokens": cfg["max_tokens"], "temperature": 0.0, "ignore_eos": True,
                                 "logprobs": 4 if cfg.get("logprobs") else None, **extra})
               for extra in per_request]
+    rejected = [try_bad_params(llm, cfg["prompts"][0], bad) for bad in cfg.get("bad_params") or []]
     aborted: set[int] = set()
     tree_at_abort = None
     if cfg.get("abort"):
@@ -46,9 +47,26 @@ def main() -> None:
             top2 = [[(int(t), float(lp.logprob)) for t, lp in d.items()] for d in c.logprobs]
         result.append({"tokens": list(c.token_ids), "top2": top2, "aborted": i in aborted})
     metrics = {m.name: getattr(m, "value", None) for m in llm.get_metrics()
-               if m.name in ("vllm:num_preemptions", "vllm:spec_decode_num_accepted_tokens")}
+               if m.name in ("vllm:num_preemptions", "vllm:spec_decode_num_accepted_tokens",
+                             "vllm:spec_decode_num_drafts", "vllm:spec_decode_num_draft_tokens")}
     print("RESULT " + json.dumps({"outputs": result, "metrics": metrics, "ddtree": ddtree_stats(llm),
-                                  "tree_in_flight_at_abort": tree_at_abort}))
+                                  "tree_in_flight_at_abort": tree_at_abort, "rejected": rejected}))
+
+
+def try_bad_params(llm, prompt, extra: dict) -> dict:
+    """Submit one request with sampling parameters that vLLM must reject on arrival; return how
+    the OpenAI server would answer it (status, param, message), or {"accepted": True}."""
+    from vllm import SamplingParams
+    from vllm.entrypoints.serve.utils.error_response import create_error_response
+
+    try:
+        llm.llm_engine.add_request("bad", {"prompt_token_ids": prompt},
+                                   SamplingParams(max_tokens=2, temperature=0.0, **extra))
+    except ValueError as exc:
+        err = create_error_response(exc).error
+        return {"status": err.code, "param": err.param, "message": err.message}
+    llm.llm_engine.abort_request(["bad"])
+    return {"accepted": True}
 
 
 def generate_with_abort(llm, prompts, params, index: int, after_steps: int):

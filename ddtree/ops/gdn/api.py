@@ -20,12 +20,12 @@ import torch
 
 from . import torch_impl
 from .commit import (accepted_state_lines, commit_conv_state_torch, commit_recurrent_state,
-                     conv_commit_plan)
+                     conv_commit_plan, copy_state_lines_torch)
 
 try:
     import triton  # noqa: F401
 
-    from .commit import commit_conv_state_triton
+    from .commit import commit_conv_state_triton, copy_state_lines_triton
     from .tree_conv1d import tree_conv1d_update_triton
     from .tree_delta_rule import tree_gated_delta_rule_triton
     HAS_TRITON = True
@@ -34,7 +34,7 @@ except ImportError:  # pragma: no cover
 
 __all__ = [
     "tree_conv1d_update", "tree_gated_delta_rule", "commit_conv_state", "make_conv_commit_plan",
-    "commit_recurrent_state", "accepted_state_lines", "check_tree", "use_triton",
+    "commit_recurrent_state", "accepted_state_lines", "check_tree", "use_triton", "copy_state_lines",
 ]
 
 _INT_DTYPES = (torch.int32, torch.int64)
@@ -54,16 +54,20 @@ def use_triton(t: torch.Tensor, backend: str | None = None) -> bool:
     return HAS_TRITON and (t.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
 
 
-def _require(cond: bool, field: str, msg: str):
+def _require(cond: bool, field: str, msg):
+    """Raise ValueError("field: msg") unless cond. msg may be a callable returning the text: the
+    checks run on every call of a hot op (once per layer and step), so messages are built only
+    when a check fails."""
     if not cond:
-        raise ValueError(f"{field}: {msg}")
+        raise ValueError(f"{field}: {msg() if callable(msg) else msg}")
 
 
 def _check_index(t, name, shape, device):
     _require(isinstance(t, torch.Tensor), name, "must be a tensor")
-    _require(t.dtype in _INT_DTYPES, name, f"must be int32/int64, got {t.dtype}")
-    _require(tuple(t.shape) == tuple(shape), name, f"expected shape {tuple(shape)}, got {tuple(t.shape)}")
-    _require(t.device == device, name, f"on {t.device}, expected {device}")
+    _require(t.dtype in _INT_DTYPES, name, lambda: f"must be int32/int64, got {t.dtype}")
+    _require(tuple(t.shape) == tuple(shape), name,
+             lambda: f"expected shape {tuple(shape)}, got {tuple(t.shape)}")
+    _require(t.device == device, name, lambda: f"on {t.device}, expected {device}")
 
 
 def _check_tree_shapes(parents, num_nodes, device):
@@ -77,7 +81,7 @@ def check_tree(parents: torch.Tensor, num_nodes: torch.Tensor) -> None:
     """Value checks of the tree arrays (one device sync): root first, parents before children."""
     B, N = parents.shape
     nn_ = num_nodes.long()
-    _require(bool(((nn_ >= 0) & (nn_ <= N)).all()), "num_nodes", f"values must lie in [0, {N}]")
+    _require(bool(((nn_ >= 0) & (nn_ <= N)).all()), "num_nodes", lambda: f"values must lie in [0, {N}]")
     par = parents.long()
     node = torch.arange(N, device=parents.device)[None, :]
     real = node < nn_[:, None]
@@ -121,20 +125,20 @@ def tree_conv1d_update(x, conv_state, weight, bias, parents, num_nodes, conv_sta
     _require(weight.dim() == 2, "weight", "must be [D, W]")
     D, W = weight.shape
     _require(W >= 2, "weight", "kernel width must be >= 2")
-    _require(tuple(x.shape) == (B * N, D), "x", f"expected shape {(B * N, D)}, got {tuple(x.shape)}")
+    _require(tuple(x.shape) == (B * N, D), "x", lambda: f"expected shape {(B * N, D)}, got {tuple(x.shape)}")
     _require(x.stride(1) == 1, "x", "channel dim must be contiguous")
-    _require(bias is None or tuple(bias.shape) == (D,), "bias", f"expected shape ({D},)")
+    _require(bias is None or tuple(bias.shape) == (D,), "bias", lambda: f"expected shape ({D},)")
     _require(conv_state.dim() == 3 and conv_state.shape[1] == D, "conv_state",
-             f"must be [lines, {D}, S], got {tuple(conv_state.shape)}")
+             lambda: f"must be [lines, {D}, S], got {tuple(conv_state.shape)}")
     S = conv_state.shape[2]
-    _require(S >= W - 1, "conv_state", f"needs at least W-1={W - 1} columns, has {S}")
+    _require(S >= W - 1, "conv_state", lambda: f"needs at least W-1={W - 1} columns, has {S}")
     if stage_inputs:
         _require(S >= W - 2 + N, "conv_state",
-                 f"stage_inputs needs W-2+N={W - 2 + N} columns, has {S}")
+                 lambda: f"stage_inputs needs W-2+N={W - 2 + N} columns, has {S}")
     _check_index(conv_state_indices, "conv_state_indices", (B,), x.device)
     if conv_state_offsets is not None:
         _check_index(conv_state_offsets, "conv_state_offsets", (B,), x.device)
-    _require(activation in (None, "silu", "swish"), "activation", f"unsupported {activation!r}")
+    _require(activation in (None, "silu", "swish"), "activation", lambda: f"unsupported {activation!r}")
     if out is None:
         out = torch.empty_like(x)
     _require(tuple(out.shape) == (B * N, D) and out.stride(1) == 1, "out", "must be [B*N, D], contiguous channels")
@@ -147,7 +151,7 @@ def tree_conv1d_update(x, conv_state, weight, bias, parents, num_nodes, conv_sta
         if conv_state_offsets is not None:
             offs = conv_state_offsets.long()[active]
             _require(bool(((offs >= 0) & (offs + W - 1 <= S)).all()), "conv_state_offsets",
-                     f"history columns off..off+{W - 2} must lie inside the {S} columns")
+                     lambda: f"history columns off..off+{W - 2} must lie inside the {S} columns")
         if stage_inputs:
             _check_unique_lines(conv_state_indices, active, "conv_state_indices")
     silu = activation in ("silu", "swish")
@@ -180,26 +184,27 @@ def tree_gated_delta_rule(q, k, v, a, b, A_log, dt_bias, parents, num_nodes, sta
     B, N = parents.shape
     _require(q.dim() == 3, "q", "must be [B*N, H, K]")
     T, H, K = q.shape
-    _require(T == B * N, "q", f"expected {B * N} tokens (B*N), got {T}")
-    _require(tuple(k.shape) == (T, H, K), "k", f"expected {(T, H, K)}, got {tuple(k.shape)}")
+    _require(T == B * N, "q", lambda: f"expected {B * N} tokens (B*N), got {T}")
+    _require(tuple(k.shape) == (T, H, K), "k", lambda: f"expected {(T, H, K)}, got {tuple(k.shape)}")
     _require(v.dim() == 3 and v.shape[0] == T, "v", "must be [B*N, HV, V]")
     HV, V = v.shape[1], v.shape[2]
-    _require(HV % H == 0, "v", f"value heads ({HV}) must be a multiple of key heads ({H})")
-    _require(tuple(a.shape) == (T, HV), "a", f"expected {(T, HV)}, got {tuple(a.shape)}")
-    _require(tuple(b.shape) == (T, HV), "b", f"expected {(T, HV)}, got {tuple(b.shape)}")
-    _require(tuple(A_log.shape) == (HV,), "A_log", f"expected ({HV},)")
-    _require(tuple(dt_bias.shape) == (HV,), "dt_bias", f"expected ({HV},)")
+    _require(HV % H == 0, "v", lambda: f"value heads ({HV}) must be a multiple of key heads ({H})")
+    _require(tuple(a.shape) == (T, HV), "a", lambda: f"expected {(T, HV)}, got {tuple(a.shape)}")
+    _require(tuple(b.shape) == (T, HV), "b", lambda: f"expected {(T, HV)}, got {tuple(b.shape)}")
+    _require(tuple(A_log.shape) == (HV,), "A_log", lambda: f"expected ({HV},)")
+    _require(tuple(dt_bias.shape) == (HV,), "dt_bias", lambda: f"expected ({HV},)")
     if slot_pool is None:
         slot_pool = state_pool
     for name, pool in (("state_pool", state_pool), ("slot_pool", slot_pool)):
         _require(pool.dim() == 4 and tuple(pool.shape[1:]) == (HV, V, K), name,
-                 f"must be [lines, {HV}, {V}, {K}], got {tuple(pool.shape)}")
+                 lambda: f"must be [lines, {HV}, {V}, {K}], got {tuple(pool.shape)}")
         _require(pool.dtype in (torch.float32, torch.bfloat16, torch.float16), name,
-                 f"dtype {pool.dtype} not supported")
+                 lambda: f"dtype {pool.dtype} not supported")
     _check_index(initial_state_indices, "initial_state_indices", (B,), q.device)
     _require(node_state_indices.dim() == 2 and node_state_indices.shape[0] == B
              and node_state_indices.shape[1] >= N and node_state_indices.stride(1) == 1,
-             "node_state_indices", f"must be [B, >= N] with contiguous rows, got {tuple(node_state_indices.shape)}")
+             "node_state_indices",
+             lambda: f"must be [B, >= N] with contiguous rows, got {tuple(node_state_indices.shape)}")
     _check_index(node_state_indices, "node_state_indices", node_state_indices.shape, q.device)
     if scale is None:
         scale = K ** -0.5
@@ -290,16 +295,43 @@ def make_conv_commit_plan(accepted_nodes, num_accepted, width, state_len, placem
     _check_index(accepted_nodes, "accepted_nodes", (B, L), accepted_nodes.device)
     _check_index(num_accepted, "num_accepted", (B,), accepted_nodes.device)
     _require(isinstance(width, int) and width >= 2 and state_len >= width - 1, "width",
-             f"must be an int >= 2 with W-1 <= state_len ({state_len})")
+             lambda: f"must be an int >= 2 with W-1 <= state_len ({state_len})")
     if check_values:
         S = state_len
         nacc = num_accepted.long()
-        _require(bool(((nacc >= 0) & (nacc <= L)).all()), "num_accepted", f"values must lie in [0, {L}]")
+        _require(bool(((nacc >= 0) & (nacc <= L)).all()), "num_accepted",
+                 lambda: f"values must lie in [0, {L}]")
         in_path = torch.arange(L, device=accepted_nodes.device)[None, :] < nacc[:, None]
         nodes = accepted_nodes.long()[in_path]
         _require(bool(((nodes >= 0) & (nodes + width - 2 < S)).all()), "accepted_nodes",
-                 f"node ids must lie in [0, {S - width + 2}) (the staged columns of the line)")
+                 lambda: f"node ids must lie in [0, {S - width + 2}) (the staged columns of the line)")
         active = nacc > 0
         _require(bool((accepted_nodes[:, 0].long()[active] == 0).all()), "accepted_nodes",
                  "every accepted path starts at the root (node 0)")
     return conv_commit_plan(accepted_nodes, num_accepted, width, placement)
+
+
+def copy_state_lines(pool, src_lines, dst_lines, flags, check_values=False, backend=None):
+    """pool[dst_lines[r]] = pool[src_lines[r]] for the requests r with flags[r] (e.g. the recurrent
+    state of the last accepted node -> the line vLLM reads next), with static shapes: the Triton
+    kernel skips unflagged requests on the device, so the host never learns which ones copy (no
+    sync). Lines read must not be written by another request (all reads of a request happen
+    before its writes, not across requests). Triton needs each line to be one contiguous block;
+    other layouts take the torch path (boolean selection: one sync on CUDA).
+    """
+    _require(isinstance(pool, torch.Tensor) and pool.dim() >= 2, "pool", "must be [lines, ...]")
+    R = src_lines.shape[0] if isinstance(src_lines, torch.Tensor) else -1
+    _check_index(src_lines, "src_lines", (R,), pool.device)
+    _check_index(dst_lines, "dst_lines", (R,), pool.device)
+    _require(isinstance(flags, torch.Tensor) and tuple(flags.shape) == (R,)
+             and flags.device == pool.device, "flags", lambda: f"must be a [{R}] tensor on {pool.device}")
+    if check_values:
+        sel = flags.bool()
+        for name, lines in (("src_lines", src_lines), ("dst_lines", dst_lines)):
+            vals = lines.long()[sel]
+            _require(bool(((vals >= 0) & (vals < pool.shape[0])).all()), name, "out of range")
+        _check_unique_lines(dst_lines, sel, "dst_lines")
+    if use_triton(pool, backend) and pool.shape[0] and pool[0].is_contiguous():
+        copy_state_lines_triton(pool, src_lines, dst_lines, flags)
+    else:
+        copy_state_lines_torch(pool, src_lines, dst_lines, flags)

@@ -103,6 +103,40 @@ def commit_conv_state_triton(conv_state, conv_state_indices, src_cols, do_copy, 
                               W1=W1, NP2_W1=triton.next_power_of_2(W1), BLOCK_D=block_d)
 
 
+if HAS_TRITON:
+    @triton.jit
+    def _copy_lines_kernel(pool, src_lines, dst_lines, flags, stride_line, numel,
+                           BLOCK: tl.constexpr):
+        i_r = tl.program_id(0)
+        i_c = tl.program_id(1)
+        if tl.load(flags + i_r) != 0:
+            src = tl.load(src_lines + i_r).to(tl.int64)
+            dst = tl.load(dst_lines + i_r).to(tl.int64)
+            offs = i_c * BLOCK + tl.arange(0, BLOCK)
+            mask = offs < numel
+            vals = tl.load(pool + src * stride_line + offs, mask=mask)
+            tl.store(pool + dst * stride_line + offs, vals, mask=mask)
+
+
+def copy_state_lines_triton(pool, src_lines, dst_lines, flags, block=2048):
+    """pool[dst_lines[r]] = pool[src_lines[r]] where flags[r]; each line one contiguous block."""
+    R = src_lines.shape[0]
+    numel = pool[0].numel() if pool.shape[0] else 0
+    if R == 0 or numel == 0:
+        return
+    grid = (R, triton.cdiv(numel, block))
+    _copy_lines_kernel[grid](pool, src_lines, dst_lines, flags.to(torch.int8), pool.stride(0), numel,
+                             BLOCK=block)
+
+
+def copy_state_lines_torch(pool, src_lines, dst_lines, flags):
+    """Reference: boolean selection of the flagged rows (a device->host sync on CUDA)."""
+    sel = flags.bool()
+    src, dst = src_lines.long()[sel], dst_lines.long()[sel]
+    if src.numel():
+        pool[dst] = pool[src]
+
+
 def commit_conv_state_torch(conv_state, conv_state_indices, src_cols, do_copy, dest_offsets):
     rows = torch.nonzero(do_copy).squeeze(1)
     if rows.numel() == 0:

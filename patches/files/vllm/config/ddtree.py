@@ -176,6 +176,67 @@ def finalize_ddtree(sc: Any) -> None:
                      sc.ddtree_chain_seed, sc.ddtree_fallback, sc.ddtree_max_depth)
 
 
+# ---------------------------------------------------------------- per-request tree shape
+
+#: Per-request tree settings, read from ``SamplingParams.extra_args`` (the OpenAI server fills it
+#: from the request body's ``vllm_xargs``). The server's ``ddtree_budget`` / ``ddtree_top_k`` are
+#: the maxima: the scheduler's speculative token count and every per-node buffer are sized by them.
+REQUEST_KEYS = ("ddtree_budget", "ddtree_top_k")
+
+
+def _request_error(key: str, msg: str, value: Any = None) -> ValueError:
+    from vllm.exceptions import VLLMValidationError  # a ValueError; the server answers 400
+
+    return VLLMValidationError(f"vllm_xargs.{key}: {msg}", parameter=f"vllm_xargs.{key}", value=value)
+
+
+def validate_ddtree_request(params: Any, sc: Any) -> None:
+    """Check a request's DDTree settings (called from ``SamplingParams.verify``, where vLLM checks
+    every request's parameters before it reaches the engine). Raises a ``VLLMValidationError``
+    naming the field: unknown ``ddtree_*`` keys, a server that does not run tree verify, values
+    that are not integers or lie outside [1, the server's value]."""
+    extra = getattr(params, "extra_args", None) or {}
+    unknown = sorted(k for k in extra if isinstance(k, str) and k.startswith("ddtree_")
+                     and k not in REQUEST_KEYS)
+    if unknown:
+        raise _request_error(unknown[0], f"unknown DDTree request setting; use one of {list(REQUEST_KEYS)}")
+    given = [k for k in REQUEST_KEYS if k in extra]
+    if not given:
+        return
+    if sc is None or getattr(sc, "ddtree_budget", None) is None:
+        raise _request_error(given[0], f"this server does not run speculative_config "
+                                       f"method='{DDTREE_METHOD}'", extra[given[0]])
+    if sc.ddtree_fallback:
+        raise _request_error(given[0], f"this server runs flat DFlash over the top-1 chain "
+                                       f"({sc.ddtree_fallback}); per-request tree shapes need tree "
+                                       f"verify", extra[given[0]])
+    v2 = v2_runner_cause(sc)
+    if v2 is not None:  # DDTreeSpeculator (ddtree_v2.py) builds every tree at the server's shape
+        raise _request_error(given[0], f"per-request tree shapes are not supported by the V2 model "
+                                       f"runner ({v2}) yet; this server builds every tree with "
+                                       f"budget={sc.ddtree_budget}, top_k={sc.ddtree_top_k}",
+                             extra[given[0]])
+    for key, server_value in (("ddtree_budget", sc.ddtree_budget), ("ddtree_top_k", sc.ddtree_top_k)):
+        if key not in extra:
+            continue
+        value = extra[key]
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise _request_error(key, f"must be an integer, got {value!r}", value)
+        if not 1 <= value <= server_value:
+            raise _request_error(key, f"must be in [1, {server_value}] (the server's {key} is the "
+                                      f"maximum), got {value}", value)
+
+
+def request_tree_shape(sc: Any, params: Any) -> tuple[int, int]:
+    """(budget, top_k) of one request: its ``vllm_xargs`` values (validated on arrival by
+    ``validate_ddtree_request``), else the server's."""
+    extra = getattr(params, "extra_args", None) if params is not None else None
+    if not extra:
+        return sc.ddtree_budget, sc.ddtree_top_k
+    return (int(extra.get("ddtree_budget", sc.ddtree_budget)),
+            int(extra.get("ddtree_top_k", sc.ddtree_top_k)))
+
+
 #: Attention backends whose paged KV layout the CUDA tree path reads (ddtree.attention.batched).
 TREE_CUDA_ATTENTION_BACKENDS = ("FLASH_ATTN", "TRITON_ATTN", "FLASHINFER")
 

@@ -66,13 +66,16 @@ class TreeEntry:
 class TreeVerifyStep:
     entries: list[TreeEntry]
     by_req: dict[int, TreeEntry]
-    # the entries as padded CPU tensors (E requests, Q = budget + 1 node slots)
+    # the entries as padded CPU tensors (E requests, Q = the step's largest block <= budget + 1)
     rows: torch.Tensor | None = None  # [E] batch row
     starts: torch.Tensor | None = None  # [E] first token of the block
     prefix_lens: torch.Tensor | None = None  # [E]
     q_lens: torch.Tensor | None = None  # [E]
     visible: torch.Tensor | None = None  # [E, Q, Q]
     depths: torch.Tensor | None = None  # [E, Q]
+    parents: torch.Tensor | None = None  # [E, Q] long (-1: root, padding nodes, past q_len)
+    num_nodes: torch.Tensor | None = None  # [E] long: real nodes of each block
+    num_scheduled: np.ndarray | None = None  # [num_reqs] tokens scheduled per batch row
     # filled by the backend hooks during the forward, consumed by the commit
     attn_layers: list[tuple] = dataclasses.field(
         default_factory=list)  # CPU: (key_cache, value_cache, slot_mapping, layout) per layer
@@ -262,56 +265,99 @@ class _GdnTreePlan:
     parents: torch.Tensor  # [S, N] long (N = budget + 1 state slots per request)
     num_nodes: torch.Tensor  # [S] long
     gather: torch.Tensor  # [S * N] long: token row of node n of spec request r (0 for padding)
-    real: torch.Tensor  # [S * N] bool: node rows computed (real nodes)
+    real_nodes: torch.Tensor  # [R] long: flat node slots (r * N + n) of the real nodes
+    real_tokens: torch.Tensor  # [R] long: their token rows (gather at real_nodes)
     spec_idx: torch.Tensor  # [S, N] state line of each node slot
     conv_lines: torch.Tensor  # [S] conv-state line of each spec request
     conv_offsets: torch.Tensor  # [S] history offset (vLLM: num_accepted_tokens - 1)
     init_lines: torch.Tensor  # [S] line holding the state before the root
     req_rows: torch.Tensor  # [S] batch row of each spec request
     is_tree: torch.Tensor  # [S] bool: the request verifies a tree (not a plain chain block)
-    checked: bool = False  # tree values validated once (first layer), not per layer
+    checked: bool = False  # device index values validated (first layer), not per layer
+
+
+# The tree arrays are validated on the host every step (no sync); vLLM's state-line indices are
+# validated on the device (a few syncs) on the first verify step of the process, or on every step
+# with DDTREE_DEBUG_CHECKS=1.
+_DEVICE_CHECKS_DONE = False
+
+
+def _device_checks_due() -> bool:
+    import os
+
+    return not _DEVICE_CHECKS_DONE or os.environ.get("DDTREE_DEBUG_CHECKS") == "1"
+
+
+def _spec_rows_host(step: TreeVerifyStep, md, num_spec: int):
+    """(batch row, scheduled tokens) of each spec request of the GDN metadata, from host data.
+
+    vLLM's GDN builder marks a row as spec when its ``num_decode_draft_tokens`` >= 0 (padding rows
+    are -1) and keeps them in row order; the runner keeps those counts on the host. Falls back to
+    the device metadata (one sync) when the host view does not match the builder's count."""
+    runner = step.runner
+    masks = md.spec_sequence_masks
+    buf = getattr(runner, "num_decode_draft_tokens", None)
+    if masks is not None and buf is not None and step.num_scheduled is not None:
+        draft = np.asarray(buf.np[: masks.shape[0]])
+        rows = np.nonzero(draft >= 0)[0]
+        if rows.shape[0] == num_spec and (rows.shape[0] == 0 or rows[-1] < step.num_scheduled.shape[0]):
+            return rows.astype(np.int64), step.num_scheduled[rows].astype(np.int64)
+    qsl = md.spec_query_start_loc[: num_spec + 1].long().cpu().numpy()
+    rows = (torch.nonzero(masks).flatten().cpu().numpy() if masks is not None
+            else np.arange(num_spec))[:num_spec]
+    return rows.astype(np.int64), np.diff(qsl).astype(np.int64)
 
 
 def _gdn_plan(step: TreeVerifyStep, md) -> _GdnTreePlan:
+    global _DEVICE_CHECKS_DONE
     plan = step.gdn_plans.get(id(md))
     if plan is not None:
         return plan
+    from ddtree.ops.gdn import check_tree
+
     num_spec = md.num_spec_decodes
     spec_idx = md.spec_state_indices_tensor[:num_spec]
     dev = spec_idx.device
     n_slots = spec_idx.shape[1]  # budget + 1
-    qsl = md.spec_query_start_loc[: num_spec + 1].long().cpu()
     num_acc = md.num_accepted_tokens[:num_spec].long()
-    masks = md.spec_sequence_masks
-    req_rows = (torch.nonzero(masks).flatten().cpu() if masks is not None
-                else torch.arange(num_spec))[:num_spec]
-    parents = torch.full((num_spec, n_slots), -1, dtype=torch.long)
-    num_nodes = torch.zeros(num_spec, dtype=torch.long)
-    gather = torch.zeros(num_spec, n_slots, dtype=torch.long)
-    is_tree = torch.zeros(num_spec, dtype=torch.bool)
-    for r in range(num_spec):
-        start, end = int(qsl[r]), int(qsl[r + 1])
-        q = end - start
-        e = step.by_req.get(int(req_rows[r]))
-        if e is not None:
-            # padding nodes (a budget the tree could not fill) come last; they are computed by
-            # nobody here and their rows stay zero: no node sees them and they are never accepted
-            n = e.num_nodes
-            parents[r, :n] = e.parents[:n]
-            is_tree[r] = True
-        else:  # a chain block (no tree for this request): each token's parent is its predecessor
-            n = q
-            parents[r, :q] = torch.arange(-1, q - 1)
-        num_nodes[r] = n
-        gather[r, :q] = torch.arange(start, end)
-    real = torch.arange(n_slots)[None, :] < num_nodes[:, None]
+    req_rows, q_lens = _spec_rows_host(step, md, num_spec)
+    starts = np.concatenate([[0], np.cumsum(q_lens)])[:-1]
+    # chain blocks (no tree for the request): each token's parent is its predecessor
+    j = np.arange(n_slots)
+    in_block = j[None, :] < q_lens[:, None]
+    parents = np.where(in_block, j[None, :] - 1, -1)
+    num_nodes = q_lens.copy()
+    gather = np.where(in_block, starts[:, None] + j[None, :], 0)
+    entry_of = {e.req_index: k for k, e in enumerate(step.entries)}
+    tree_r = [r for r in range(num_spec) if int(req_rows[r]) in entry_of]
+    is_tree = np.zeros(num_spec, dtype=bool)
+    if tree_r:
+        # padding nodes (a budget the tree could not fill) come last; they are computed by
+        # nobody here and their rows stay zero: no node sees them and they are never accepted
+        ent = [entry_of[int(req_rows[r])] for r in tree_r]
+        parents[tree_r, : step.parents.shape[1]] = step.parents[ent].numpy()  # trees' Q <= n_slots
+        num_nodes[tree_r] = step.num_nodes[ent].numpy()
+        is_tree[tree_r] = True
+    parents_t, num_nodes_t = torch.from_numpy(parents), torch.from_numpy(num_nodes)
+    check_tree(parents_t, num_nodes_t)  # host tensors: no device sync
+    real = (j[None, :] < num_nodes[:, None]).reshape(-1)
+    real_nodes = np.nonzero(real)[0]
+    real_tokens = gather.reshape(-1)[real_nodes]
+    S, N, R = num_spec, n_slots, real_nodes.shape[0]
+    # one host->device copy for every per-step array of the plan
+    packed = torch.from_numpy(np.concatenate([
+        parents.reshape(-1), num_nodes, gather.reshape(-1), real_nodes, real_tokens, req_rows,
+        is_tree.astype(np.int64)]).astype(np.int64)).to(dev)
+    sizes = [S * N, S, S * N, R, R, S, S]
+    parts = torch.split(packed, sizes)
     offsets = (num_acc - 1).clamp(min=0)
     plan = _GdnTreePlan(
-        parents=parents.to(dev), num_nodes=num_nodes.to(dev), gather=gather.flatten().to(dev),
-        real=real.flatten().to(dev), spec_idx=spec_idx.contiguous(),
+        parents=parts[0].view(S, N), num_nodes=parts[1], gather=parts[2], real_nodes=parts[3],
+        real_tokens=parts[4], spec_idx=spec_idx.contiguous(),
         conv_lines=spec_idx[:, 0].contiguous(), conv_offsets=offsets,
         init_lines=spec_idx.gather(1, offsets[:, None]).squeeze(1).contiguous(),
-        req_rows=req_rows.to(dev), is_tree=is_tree.to(dev))
+        req_rows=parts[5], is_tree=parts[6].bool(), checked=not _device_checks_due())
+    _DEVICE_CHECKS_DONE = True
     step.gdn_plans[id(md)] = plan
     return plan
 
@@ -347,7 +393,7 @@ def gdn_tree_spec_forward(layer, md, mixed_qkv_spec: torch.Tensor, a_spec: torch
         check_tree_values=check, backend=backend)
     plan.checked = True
     result = out.new_zeros((mixed_qkv_spec.shape[0],) + tuple(out.shape[1:]))
-    result[plan.gather[plan.real]] = out[plan.real]
+    result[plan.real_tokens] = out[plan.real_nodes]  # precomputed indices: no sync per layer
     step.gdn_layers.append((conv_state, ssm_pool, plan, int(conv_weight.shape[-1])))
     return result
 
@@ -418,9 +464,12 @@ class DDTreeProposer(DFlashProposer):
         hook = _test_draft_hook()
         if hook is not None:
             logits = self._apply_test_hook(hook, logits, next_token_ids)
+        # per-request tree shapes (vllm_xargs ddtree_budget / ddtree_top_k), None if all default
+        row_budget, row_top_k = self._request_shapes(batch, num_speculative_tokens)
         trees = build_tree(root_token_ids=next_token_ids.long(), budget=num_speculative_tokens,
                            top_k=self.ddtree_top_k, draft_logits=logits,
-                           chain_seed=self.ddtree_chain_seed)
+                           chain_seed=self.ddtree_chain_seed, row_budget=row_budget,
+                           row_top_k=row_top_k)
         flat_rows = self._vllm_sampler_rows(batch)
         if flat_rows:
             # Penalties, bad words, logit bias, min_tokens, ... depend on each position's history,
@@ -436,7 +485,7 @@ class DDTreeProposer(DFlashProposer):
             # Grammar-constrained requests verify a chain: vLLM validates drafts and builds
             # bitmasks as a token sequence, which is only right for a path.
             chains = build_tree(root_token_ids=next_token_ids.long(), budget=num_speculative_tokens,
-                                top_k=1, draft_logits=logits, chain_seed=True)
+                                top_k=1, draft_logits=logits, chain_seed=True, row_budget=row_budget)
             rows = torch.tensor(chain_rows, device=trees.token_ids.device)
             for f in ("token_ids", "parents", "depths", "ranks", "scores", "num_nodes", "valid"):
                 getattr(trees, f)[rows] = getattr(chains, f)[rows]
@@ -448,7 +497,30 @@ class DDTreeProposer(DFlashProposer):
         tokens = trees.token_ids[:, 1:]
         # Padding slots must still be valid token ids for the embedding; they are never accepted.
         tokens = torch.where(tokens >= 0, tokens, next_token_ids.long()[:, None].expand_as(tokens))
+        if row_budget is not None:
+            # A request with a smaller budget schedules only its own b drafts (vLLM's runner and
+            # scheduler take per-request draft lists, as from the n-gram proposer): its verify
+            # block is 1 + b tokens, so a smaller tree costs less verify work.
+            rows = tokens.cpu().tolist()
+            return [row[:b] for row, b in zip(rows, row_budget)]
         return tokens.to(torch.int64)
+
+    def _request_shapes(self, batch: int, budget: int) -> tuple[list[int] | None, list[int] | None]:
+        """Per-row (budget, top_k) of the batch from the requests' ``vllm_xargs`` (checked on
+        arrival, at most the server's values); (None, None) when every row uses the server's."""
+        from vllm.config.ddtree import request_tree_shape
+
+        runner = self._ddtree_runner
+        sc = self.speculative_config
+        budgets, top_ks = [], []
+        for rid in runner.input_batch.req_ids[:batch]:
+            req = runner.requests.get(rid)
+            b, k = request_tree_shape(sc, getattr(req, "sampling_params", None))
+            budgets.append(min(b, budget))
+            top_ks.append(min(k, self.ddtree_top_k))
+        if all(b == budget for b in budgets) and all(k == self.ddtree_top_k for k in top_ks):
+            return None, None
+        return budgets, top_ks
 
 
     def _vllm_sampler_rows(self, batch: int) -> list[int]:
@@ -555,13 +627,16 @@ class DDTreeRunnerState:
         sc = runner.speculative_config
         self.runner = runner
         self.budget = sc.ddtree_budget
-        self.trees: dict[str, _ReqTree] = {}
+        self._trees: dict[str, _ReqTree] = {}
+        self._pending_trees = None  # (req ids, _AsyncHostCopy) of the latest proposal
+        self._walk_host = None  # _AsyncHostCopy of the latest walk (num_accepted, accepted nodes)
+        self._pending_stats = None  # (entries, _AsyncHostCopy) not yet counted
         self.verify_cad: CommonAttentionMetadata | None = None
         self.last_walk = None
         self.walk_fresh = False
         self.last_num_draft: list[int] = []
         self.last_entries: list[TreeEntry] = []
-        self.stats = DDTreeStats()
+        self._stats = DDTreeStats()
         logger.info("DDTree tree verify active: budget=%d top_k=%d chain_seed=%s depth=%d",
                     sc.ddtree_budget, sc.ddtree_top_k, sc.ddtree_chain_seed, sc.ddtree_max_depth)
 
@@ -573,7 +648,7 @@ class DDTreeRunnerState:
                               ("finished_req_ids", "trees_dropped_by_finish")):
             for req_id in getattr(scheduler_output, attr, None) or ():
                 if self.trees.pop(req_id, None) is not None:
-                    setattr(self.stats, counter, getattr(self.stats, counter) + 1)
+                    setattr(self._stats, counter, getattr(self._stats, counter) + 1)
 
     # -- step 2: positions and masks ---------------------------------------------------------
     def on_positions(self, scheduler_output, num_reqs: int, num_scheduled_tokens: np.ndarray) -> None:
@@ -600,36 +675,45 @@ class DDTreeRunnerState:
             picked.append((i, int(cu[i]) - q, q, int(computed[i]), tree))
         if not picked:
             return
-        E, Q = len(picked), self.budget + 1
-        parents = torch.full((E, Q), -1, dtype=torch.long)
-        depths = torch.zeros((E, Q), dtype=torch.long)
+        # Q = the step's largest block (<= budget + 1): requests with smaller per-request trees
+        # (vllm_xargs ddtree_budget) do not pay the server's full shape in the masks / attention.
+        # Host arrays in numpy (a torch op on small CPU tensors costs several µs, numpy ~1 µs).
+        E, Q = len(picked), max(p[2] for p in picked)
+        parents_np = np.full((E, Q), -1, dtype=np.int64)
+        depths_np = np.zeros((E, Q), dtype=np.int64)
         for e, (_, _, q, _, tree) in enumerate(picked):
             n = min(tree.num_nodes, q)
-            parents[e, :n] = tree.parents[:n]  # padding nodes stay isolated (-1)
-            depths[e, :q] = tree.depths[:q]
-        rows = torch.tensor([p[0] for p in picked])
-        starts = torch.tensor([p[1] for p in picked])
-        q_lens = torch.tensor([p[2] for p in picked])
-        prefix = torch.tensor([p[3] for p in picked])
-        visible = ancestor_mask_from_parents(parents, int(depths.max()))
+            parents_np[e, :n] = tree.parents[:n].numpy()  # padding nodes stay isolated (-1)
+            depths_np[e, :q] = tree.depths[:q].numpy()
+        info = np.array([p[:4] for p in picked], dtype=np.int64).T.copy()  # rows, starts, q, prefix
+        rows, starts, q_lens, prefix = torch.from_numpy(info)
+        parents, depths = torch.from_numpy(parents_np), torch.from_numpy(depths_np)
+        visible = ancestor_mask_from_parents(parents, int(depths_np.max()))
         # node positions = root position + depth (one scatter for the whole batch)
-        in_block = torch.arange(Q)[None, :] < q_lens[:, None]
-        token = (starts[:, None] + torch.arange(Q)[None, :])[in_block]
+        cols = np.arange(Q)
+        in_block_np = cols[None, :] < info[2][:, None]
+        token_np = (info[1][:, None] + cols[None, :])[in_block_np]
+        pos_np = (info[3][:, None] + depths_np)[in_block_np]
         dev = runner.positions.device
-        runner.positions[token.to(dev)] = (prefix[:, None] + depths)[in_block].to(dev)
+        token_pos = torch.from_numpy(np.stack([token_np, pos_np])).to(dev)  # one copy
+        runner.positions[token_pos[0]] = token_pos[1].to(runner.positions.dtype)
+        in_block, token = torch.from_numpy(in_block_np), torch.from_numpy(token_np)
         if getattr(runner, "uses_mrope", False):
             # M-RoPE text positions: the root's (t, h, w) triple advanced by the node's depth
             mp = runner.mrope_positions.cpu
             root = mp[:, starts]  # [3, E]
             mp[:, token] = (root[:, :, None] + depths[None].to(mp.dtype))[:, in_block]
-        entries = [TreeEntry(int(rows[e]), int(starts[e]), int(q_lens[e]), int(prefix[e]),
-                             parents[e, : int(q_lens[e])], min(picked[e][4].num_nodes, int(q_lens[e])),
-                             visible[e, : int(q_lens[e]), : int(q_lens[e])], depths[e, : int(q_lens[e])])
-                   for e in range(E)]
+        num_nodes = [min(p[4].num_nodes, p[2]) for p in picked]
+        entries = [TreeEntry(p[0], p[1], p[2], p[3], parents[e, : p[2]], num_nodes[e],
+                             visible[e, : p[2], : p[2]], depths[e, : p[2]])
+                   for e, p in enumerate(picked)]
         self.last_entries = entries
         _set_current(TreeVerifyStep(entries, {e.req_index: e for e in entries}, rows=rows,
                                     starts=starts, prefix_lens=prefix, q_lens=q_lens,
-                                    visible=visible, depths=depths, runner=runner))
+                                    visible=visible, depths=depths, parents=parents,
+                                    num_nodes=torch.tensor(num_nodes),
+                                    num_scheduled=np.asarray(num_scheduled_tokens[:num_reqs]).copy(),
+                                    runner=runner))
 
     # -- step 4: sample, walk and commit -----------------------------------------------------
     def sample(self, logits: torch.Tensor, spec_decode_metadata, sampling_metadata) -> SamplerOutput:
@@ -639,44 +723,48 @@ class DDTreeRunnerState:
         runner = self.runner
         step = _CURRENT
         num_reqs = runner.input_batch.num_reqs
-        n = self.budget + 1
         num_draft = list(spec_decode_metadata.num_draft_tokens)
+        n = max(num_draft, default=0) + 1  # the step's largest block (<= budget + 1), as vLLM's sampler
         dev = logits.device
-        # Per request: tree arrays padded to n node slots; requests without a tree verify a chain
-        # of their scheduled drafts (flat rows), which the walk handles as a tree that is a path.
-        parents = torch.full((num_reqs, n), -1, dtype=torch.long)
-        depths = torch.zeros((num_reqs, n), dtype=torch.long)
-        tokens = torch.full((num_reqs, n), -1, dtype=torch.long)
-        valid = torch.zeros((num_reqs, n), dtype=torch.bool)
-        rows = torch.zeros((num_reqs, n), dtype=torch.long)
-        row_valid = torch.zeros((num_reqs, n), dtype=torch.bool)
-        by_req = step.by_req if step is not None else {}
-        draft_ids = spec_decode_metadata.draft_token_ids.cpu().long()
-        cu_draft = np.concatenate([[0], np.cumsum(num_draft)])
-        cu_rows = np.concatenate([[0], np.cumsum(np.asarray(num_draft) + 1)])
-        for i in range(num_reqs):
-            q = num_draft[i] + 1
-            rows[i, :q] = torch.arange(int(cu_rows[i]), int(cu_rows[i]) + q)
-            row_valid[i, :q] = True
-            tokens[i, 1:q] = draft_ids[int(cu_draft[i]): int(cu_draft[i + 1])]
-            e = by_req.get(i)
-            if e is not None:
-                parents[i, :q] = e.parents
-                real = e.num_nodes
-                valid[i, :real] = True
-                depths[i, :q] = e.depths
-            else:
-                parents[i, :q] = torch.arange(-1, q - 1)
-                depths[i, :q] = torch.arange(q)
-                valid[i, :q] = True
-        max_depth = int(depths.max()) if depths.numel() else 0
-        tree = DraftTree(token_ids=tokens.to(dev), parents=parents.to(dev), depths=depths.to(dev),
-                         ranks=torch.zeros_like(parents).to(dev),
+        # Per request: tree arrays padded to n node slots, built on the host (vectorised) and sent
+        # in one copy; requests without a tree verify a chain of their scheduled drafts (flat rows),
+        # which the walk handles as a tree that is a path.
+        nd = np.asarray(num_draft[:num_reqs], dtype=np.int64)
+        q = nd + 1
+        j = np.arange(n)
+        in_q = j[None, :] < q[:, None]
+        cu_rows = np.concatenate([[0], np.cumsum(q)])[:-1]
+        rows = np.minimum(np.where(in_q, cu_rows[:, None] + j[None, :], 0), logits.shape[0] - 1)
+        parents = np.where(in_q, j[None, :] - 1, -1)
+        depths = np.where(in_q, j[None, :], 0)
+        valid = in_q
+        if step is not None and step.entries:
+            tree_rows = [e.req_index for e in step.entries]
+            qs = step.parents.shape[1]  # the tree requests' largest block (<= n)
+            parents[tree_rows, :qs] = step.parents.numpy()
+            depths[tree_rows, :qs] = step.depths.numpy()
+            valid[tree_rows] = j[None, :] < step.num_nodes.numpy()[:, None]
+        # draft k of request i is node k + 1 (flattened order); placed on the device by a scatter
+        # of vLLM's device draft ids (no device->host copy of them)
+        cu_draft = np.concatenate([[0], np.cumsum(nd)])
+        draft_slot = (np.repeat(np.arange(num_reqs) * n + 1, nd)
+                      + np.arange(int(cu_draft[-1])) - np.repeat(cu_draft[:-1], nd))
+        max_depth = int(depths.max()) if depths.size else 0
+        packed = torch.from_numpy(np.concatenate([
+            parents.reshape(-1), depths.reshape(-1), valid.reshape(-1), rows.reshape(-1),
+            draft_slot]).astype(np.int64)).to(dev)
+        size = num_reqs * n
+        parents_d, depths_d, valid_d, rows_d = (packed[k * size:(k + 1) * size].view(num_reqs, n)
+                                                for k in range(4))
+        valid_d = valid_d.bool()
+        tokens_d = torch.full((num_reqs * n,), -1, dtype=torch.long, device=dev)
+        tokens_d[packed[4 * size:]] = spec_decode_metadata.draft_token_ids[: int(cu_draft[-1])].long()
+        tree = DraftTree(token_ids=tokens_d.view(num_reqs, n), parents=parents_d, depths=depths_d,
+                         ranks=torch.zeros_like(parents_d),
                          scores=torch.zeros((num_reqs, n), dtype=torch.float32, device=dev),
-                         num_nodes=valid.sum(1).to(dev), valid=valid.to(dev),
+                         num_nodes=valid_d.sum(1), valid=valid_d,
                          max_depth=max(max_depth, 1), top_k=1)
-        flat_logits = logits[rows.clamp(max=logits.shape[0] - 1).flatten().to(dev)]
-        flat_logits = flat_logits.view(num_reqs, n, -1)
+        flat_logits = logits[rows_d.flatten()].view(num_reqs, n, -1)
         if sampling_metadata.all_greedy:
             target = flat_logits.argmax(-1)
         else:
@@ -695,7 +783,7 @@ class DDTreeRunnerState:
         if flat:
             # Root-only blocks (see DDTreeProposer): vLLM's sampler on the root rows, with
             # penalties, bad words, logit bias, min_tokens, ... applied as without speculation.
-            root_out = runner.sampler(logits=logits[rows[:, 0].to(dev)], sampling_metadata=sampling_metadata,
+            root_out = runner.sampler(logits=logits[rows_d[:, 0]], sampling_metadata=sampling_metadata,
                                       predict_bonus_token=True)
             f = torch.tensor(flat, device=dev)
             out[f] = PLACEHOLDER_TOKEN_ID
@@ -707,16 +795,35 @@ class DDTreeRunnerState:
             walk.committed_token_ids[f, 0] = out[f, 0].long()
         logprobs_tensors = None
         if sampling_metadata.max_num_logprobs is not None:
-            logprobs_tensors = self._committed_logprobs(logits, rows, walk, out, sampling_metadata)
+            logprobs_tensors = self._committed_logprobs(logits, rows_d, walk, out, sampling_metadata)
         self.last_walk = walk
         self.walk_fresh = True
         self.last_num_draft = num_draft
+        # The accepted lengths and paths go to the host in one non-blocking copy; the drafter's
+        # inputs (and the statistics) wait for it, nothing in the verify / commit does.
+        self._walk_host = _AsyncHostCopy(
+            torch.cat([walk.num_accepted[:, None], walk.accepted_nodes], 1))
         t1 = time.perf_counter()
         if step is not None:
             self._commit(step, walk)
-        self.stats.record(step, walk, t1 - t0, time.perf_counter() - t1)
+        self._stats.record_times(t1 - t0, time.perf_counter() - t1)
+        if step is not None:
+            self._flush_stats()
+            self._pending_stats = (step.entries, self._walk_host)
         _set_current(None)
         return SamplerOutput(sampled_token_ids=out, logprobs_tensors=logprobs_tensors)
+
+    def _flush_stats(self) -> None:
+        """Count the tree statistics of the latest verify once its walk has reached the host."""
+        pending, self._pending_stats = self._pending_stats, None
+        if pending is not None:
+            entries, host = pending
+            self._stats.record_walk(entries, host.get())
+
+    @property
+    def stats(self) -> "DDTreeStats":
+        self._flush_stats()
+        return self._stats
 
     def _committed_logprobs(self, logits, rows, walk, out, sampling_metadata):
         """Logprobs of the committed tokens only (never of siblings): committed token j was
@@ -737,9 +844,12 @@ class DDTreeRunnerState:
         return runner.sampler.gather_logprobs(lp, sampling_metadata.max_num_logprobs, tokens)
 
     def _commit(self, step: TreeVerifyStep, walk) -> None:
-        """Make the caches look as if the accepted path had been verified as a chain."""
+        """Make the caches look as if the accepted path had been verified as a chain.
+
+        Static shapes on the device (no device->host sync): the host does not know the accepted
+        paths here; every index is computed on the device once per step and cache group."""
         from ddtree.attention.batched import move_paged_kv_rows
-        from ddtree.ops.gdn import commit_conv_state
+        from ddtree.ops.gdn import commit_conv_state, copy_state_lines
         from ddtree.ops.gdn.commit import conv_commit_plan
 
         acc_dev, nacc_dev = walk.accepted_nodes, walk.num_accepted
@@ -767,7 +877,7 @@ class DDTreeRunnerState:
                 pos = step.prefix_lens.to(plan.slots.device)[:, None] + torch.arange(
                     Q, device=plan.slots.device)[None, :]
                 block_slots = plan.slots.gather(1, pos.clamp(max=plan.slots.shape[1] - 1))
-                moves[id(plan)] = _kv_moves(block_slots, step, acc_dev, nacc_dev)
+                moves[id(plan)] = _kv_moves(block_slots, step, acc_dev, nacc_dev, static=True)
             move_paged_kv_rows(kv_cache, *moves[id(plan)])
         # GDN: conv history along the path, recurrent state of the last accepted node -> slot m
         # (vLLM's next step reads history at offset num_accepted - 1 and the state in slot m).
@@ -783,8 +893,8 @@ class DDTreeRunnerState:
                 src_line = spec_idx.gather(1, last[:, None]).squeeze(1)
                 dst_line = spec_idx.gather(1, m[:, None]).squeeze(1)
                 copy_state = plan.is_tree & (last != m)
-                conv_plans[id(plan)] = (path, path_len, src_line[copy_state], dst_line[copy_state])
-            path, path_len, src_line, dst_line = conv_plans[id(plan)]
+                conv_plans[id(plan)] = (path, path_len, src_line, dst_line, copy_state)
+            path, path_len, src_line, dst_line, copy_state = conv_plans[id(plan)]
             key = (id(plan), width)
             if key not in conv_plans:  # the same column plan for every layer of the group
                 src_cols, do_copy, _ = conv_commit_plan(path, path_len, width, "chain_in_place")
@@ -792,47 +902,56 @@ class DDTreeRunnerState:
             src_cols, do_copy, offsets = conv_plans[key]
             commit_conv_state(conv_state, plan.conv_lines, plan=(src_cols, do_copy, offsets),
                               check_values=False, backend="triton" if conv_state.is_cuda else "torch")
-            if src_line.numel():
-                pool[dst_line] = pool[src_line]
+            # the flagged requests' states only, decided on the device (Triton on CUDA)
+            copy_state_lines(pool, src_line, dst_line, copy_state)
 
     # -- step 5: drafter inputs along the accepted path ----------------------------------------
     def drafter_inputs(self, runner, aux_hidden_states, hidden_states):
         cad = self.verify_cad
         walk = self.last_walk
         assert cad is not None and walk is not None
-        acc = walk.accepted_nodes.cpu()
-        nacc = walk.num_accepted.cpu()
-        by_req = {e.req_index: e for e in self.last_entries}
-        qsl = cad.query_start_loc_cpu.long()
+        # the one device->host wait of the step: the drafter's batch layout needs the lengths
+        host = self._walk_host.get()
+        self._flush_stats()
         num_reqs = cad.num_reqs
-        idx: list[torch.Tensor] = []
-        counts = torch.zeros(num_reqs, dtype=torch.long)
-        for i in range(num_reqs):
-            start, end = int(qsl[i]), int(qsl[i + 1])
-            if i in by_req:
-                m = int(nacc[i])
-                idx.append(start + acc[i, : m + 1])
-            else:
-                # a chain block keeps its accepted prefix; a block without drafts (a prefill
-                # chunk, or a decode without drafts) keeps all its tokens
-                q = end - start
-                keep = int(nacc[i]) + 1 if self.last_num_draft[i] > 0 else q
-                idx.append(torch.arange(start, start + keep))
-            counts[i] = idx[-1].numel()
-        token_indices_cpu = torch.cat(idx) if idx else torch.zeros(0, dtype=torch.long)
+        nacc = host[:num_reqs, 0].numpy()
+        acc = host[:num_reqs, 1:].numpy()
+        qsl = cad.query_start_loc_cpu.long()
+        qsl_np = qsl[: num_reqs + 1].numpy()
+        starts = qsl_np[:-1]
+        q_lens = qsl_np[1:] - starts
+        is_tree = np.zeros(num_reqs, dtype=bool)
+        is_tree[[e.req_index for e in self.last_entries if e.req_index < num_reqs]] = True
+        num_draft = np.zeros(num_reqs, dtype=np.int64)
+        nd = np.asarray(self.last_num_draft[:num_reqs], dtype=np.int64)
+        num_draft[: nd.shape[0]] = nd
+        # a tree keeps root + accepted nodes; a chain block keeps its accepted prefix; a block
+        # without drafts (a prefill chunk, or a decode without drafts) keeps all its tokens
+        counts = np.where(is_tree | (num_draft > 0), nacc + 1, q_lens).astype(np.int64)
+        width = int(counts.max()) if num_reqs else 0
+        cols = np.arange(width)
+        acc_w = np.zeros((num_reqs, width), dtype=np.int64)
+        k = min(width, acc.shape[1])
+        acc_w[:, :k] = acc[:, :k]
+        node = np.where(is_tree[:, None], acc_w, cols[None, :])
+        token_indices_np = (starts[:, None] + node)[cols[None, :] < counts[:, None]]
         dev = cad.query_start_loc.device
-        token_indices = token_indices_cpu.to(dev)
         new_qsl_cpu = torch.zeros(num_reqs + 1, dtype=torch.int32)
-        new_qsl_cpu[1:] = torch.cumsum(counts, 0).to(torch.int32)
-        q_lens = (qsl[1:] - qsl[:-1])
+        new_qsl_cpu[1:] = torch.from_numpy(np.cumsum(counts)).to(torch.int32)
         seq_cpu = cad.seq_lens_cpu_upper_bound if cad.seq_lens_cpu_upper_bound is not None else cad.seq_lens.cpu()
-        new_seq_cpu = (seq_cpu[:num_reqs].long() - q_lens + counts).to(torch.int32)
+        new_seq_cpu = (seq_cpu[:num_reqs].long() - torch.from_numpy(q_lens)
+                       + torch.from_numpy(counts)).to(torch.int32)
+        num_tokens = int(token_indices_np.shape[0])
+        packed = torch.cat([torch.from_numpy(token_indices_np.astype(np.int64)), new_qsl_cpu.long(),
+                            new_seq_cpu.long()]).to(dev)  # one host->device copy
+        token_indices = packed[:num_tokens]
         new_cad = CommonAttentionMetadata(
-            query_start_loc=new_qsl_cpu.to(dev), seq_lens=new_seq_cpu.to(dev),
+            query_start_loc=packed[num_tokens: num_tokens + num_reqs + 1].to(torch.int32),
+            seq_lens=packed[num_tokens + num_reqs + 1:].to(torch.int32),
             query_start_loc_cpu=new_qsl_cpu, _seq_lens_cpu=new_seq_cpu,
             _num_computed_tokens_cpu=cad._num_computed_tokens_cpu,
             seq_lens_cpu_upper_bound=new_seq_cpu, num_reqs=num_reqs,
-            num_actual_tokens=int(token_indices_cpu.numel()), max_query_len=int(counts.max()),
+            num_actual_tokens=num_tokens, max_query_len=width,
             max_seq_len=int(new_seq_cpu.max()), block_table_tensor=cad.block_table_tensor,
             slot_mapping=cad.slot_mapping[token_indices], causal=True,
             dcp_local_seq_lens=cad.dcp_local_seq_lens)
@@ -848,29 +967,76 @@ class DDTreeRunnerState:
         trees = drafter.last_trees
         if trees is None:
             return
-        parents = trees.parents.cpu()
-        depths = trees.depths.cpu()
-        nn_ = trees.num_nodes.cpu()
-        tokens = trees.token_ids.cpu()
-        self.trees = {rid: _ReqTree(parents[i].clone(), depths[i].clone(), int(nn_[i]),
-                                    tokens[i].clone())
-                      for i, rid in enumerate(req_ids) if i < parents.shape[0]}
-        self.stats.record_build(drafter.last_build_s)
+        # the next step's scheduling needs the trees on the host: one non-blocking copy, waited
+        # for when the trees are first read (the next ``on_positions``), not here
+        packed = torch.cat([trees.num_nodes[:, None].long(), trees.parents.long(),
+                            trees.depths.long(), trees.token_ids.long()], 1)
+        self._pending_trees = (list(req_ids), _AsyncHostCopy(packed))
+        self._stats.record_build(drafter.last_build_s)
+
+    @property
+    def trees(self) -> dict[str, "_ReqTree"]:
+        pending, self._pending_trees = self._pending_trees, None
+        if pending is not None:
+            req_ids, copy = pending
+            host = copy.get()
+            B, N = host.shape[0], (host.shape[1] - 1) // 3
+            num_nodes = host[:, 0].tolist()
+            parents, depths, tokens = host[:, 1:1 + N], host[:, 1 + N:1 + 2 * N], host[:, 1 + 2 * N:]
+            # rows are views of a buffer made for this proposal alone (never written again)
+            self._trees = {rid: _ReqTree(parents[i], depths[i], num_nodes[i], tokens[i])
+                           for i, rid in enumerate(req_ids) if i < B}
+        return self._trees
+
+    @trees.setter
+    def trees(self, value: dict[str, "_ReqTree"]) -> None:
+        self._pending_trees = None
+        self._trees = value
+
+
+class _AsyncHostCopy:
+    """A device tensor copied to the host without blocking: a copy into pinned memory plus an
+    event; ``get`` waits for the event (on CPU tensors it is just the tensor)."""
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self._event = None
+        if t.is_cuda:
+            self._host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            self._host.copy_(t, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = t
+
+    def get(self) -> torch.Tensor:
+        if self._event is not None:
+            self._event.synchronize()
+            self._event = None
+        return self._host
 
 
 def _kv_moves(block_slots: torch.Tensor, step: TreeVerifyStep, acc: torch.Tensor,
-              nacc: torch.Tensor):
+              nacc: torch.Tensor, static: bool = False):
     """(src, dst) cache slots: accepted node a_j of each tree request moves to block position j.
 
-    block_slots [E, Q]: the cache slot of token j of tree request e's verify block."""
+    block_slots [E, Q]: the cache slot of token j of tree request e's verify block.
+    static=False: only the real moves (boolean selection: data-dependent length).
+    static=True: [E * Lw] pairs, no device->host sync; entries that move nothing copy the
+    request's root row onto itself (the root is never a destination, and every such entry of a
+    request writes the same values read before any write)."""
     dev = block_slots.device
     rows = step.rows.to(dev)
-    path = acc.to(dev)[rows].long()  # [E, Lw] node ids, root first (Lw <= Q)
+    # [E, <= Q] node ids, root first: the walk's width follows the step's largest block, which a
+    # chain request may make wider than every tree (per-request shapes); m < Q for tree requests
+    path = acc.to(dev)[rows][:, : block_slots.shape[1]].long()
     m = nacc.to(dev)[rows].long()
     j = torch.arange(path.shape[1], device=dev)[None, :]
     move = (j >= 1) & (j <= m[:, None]) & (path != j) & (path >= 0)
     src = block_slots.gather(1, path.clamp(min=0))
     dst = block_slots.gather(1, j.expand_as(path))
+    if static:
+        root = block_slots[:, :1].expand_as(src)
+        return torch.where(move, src, root).flatten(), torch.where(move, dst, root).flatten()
     return src[move], dst[move]
 
 
@@ -907,39 +1073,47 @@ class DDTreeStats:
         self._last_log = time.monotonic()
         self._prom = _prometheus_metrics()
 
-    def record(self, step: TreeVerifyStep | None, walk, verify_s: float, commit_s: float) -> None:
+    def record_times(self, verify_s: float, commit_s: float) -> None:
         self.verify_s += verify_s
         self.commit_s += commit_s
         prom = self._prom
         if prom is not None:
             prom["verify"].inc(verify_s)
             prom["commit"].inc(commit_s)
-        if step is None:
+
+    def record_walk(self, entries: list[TreeEntry], walk_host: torch.Tensor) -> None:
+        """Count one verify step's trees. walk_host [num_reqs, 1 + Lw] (host): num_accepted, then
+        the accepted node ids root first (as ``DDTreeRunnerState.sample`` copies them)."""
+        if not entries:
             return
-        nacc = walk.num_accepted.cpu()
-        acc = walk.accepted_nodes.cpu()
-        verified = wasted = siblings = 0
-        depths = []
-        for e in step.entries:
-            m = int(nacc[e.req_index])
-            sibling = bool(m) and not bool((acc[e.req_index, 1: m + 1] == torch.arange(1, m + 1)).all())
-            self.accepted_hist[m] = self.accepted_hist.get(m, 0) + 1
-            verified += e.num_nodes
-            wasted += e.num_nodes - 1 - m
-            siblings += int(sibling)
-            depths.append(m)
-        self.steps += len(step.entries)
+        rows = np.array([e.req_index for e in entries])
+        host = walk_host.numpy()
+        m = host[rows, 0]
+        acc = host[rows, 1:]
+        cols = np.arange(1, acc.shape[1])
+        on_path = cols[None, :] <= m[:, None]
+        # a sibling was taken when some accepted node j is not node j (the top-1 chain)
+        sibling = ((acc[:, 1:] != cols[None, :]) & on_path).any(1)
+        num_nodes = np.array([e.num_nodes for e in entries])
+        verified = int(num_nodes.sum())
+        wasted = int((num_nodes - 1 - m).sum())
+        siblings = int(sibling.sum())
+        depths = m.tolist()
+        for d in depths:
+            self.accepted_hist[d] = self.accepted_hist.get(d, 0) + 1
+        self.steps += len(entries)
         self.nodes_verified += verified
         self.nodes_wasted += wasted
         self.sibling_taken += siblings
+        prom = self._prom
         if prom is not None:  # one update per counter and step (prometheus calls cost ~µs each)
-            prom["steps"].inc(len(step.entries))
+            prom["steps"].inc(len(entries))
             prom["verified"].inc(verified)
             prom["wasted"].inc(wasted)
             if siblings:
                 prom["sibling"].inc(siblings)
-            for m in depths:
-                prom["depth"].observe(m)
+            for d in depths:
+                prom["depth"].observe(d)
         now = time.monotonic()
         if now - self._last_log > 10.0:
             self._last_log = now
