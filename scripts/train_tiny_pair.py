@@ -936,6 +936,16 @@ def load_target(target_dir: Path, device):
     return model.to(device), tcfg
 
 
+def cpu_model_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def sha256_file(p: Path) -> str:
     return hashlib.sha256(p.read_bytes()).hexdigest()
 
@@ -1156,7 +1166,7 @@ def main(argv=None) -> int:
                 "prompts that start a .py file (lengths 48..256); 'heldout' uses the held-out files "
                 "in measure_tiny_pair.py's order (its first prompts), 'train' training files")
     report = {
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({cpu_model_name()})",
         "torch": torch.__version__,
         "python": platform.python_version(),
         "recipe": "v3",
