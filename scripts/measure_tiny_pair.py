@@ -37,17 +37,8 @@ def heldout_prompts(tokenizer_json: Path, n: int, min_len: int = 48, max_len: in
     tok = Tokenizer.from_file(str(tokenizer_json))
     root = stdlib or Path(sysconfig.get_paths()["stdlib"])
     _, held = ttp.split_corpus(root)
-    prompts = []
-    for i, (_, path) in enumerate(f for f in held if f[0].endswith(".py")):
-        if len(prompts) == n:
-            break
-        want = min_len + (len(prompts) * 37) % (max_len - min_len + 1)
-        ids = tok.encode(ttp.read_text(path)).ids
-        if len(ids) >= want + 8:
-            prompts.append(ids[:want])
-    if len(prompts) < n:
-        raise ValueError(f"only {len(prompts)} held-out files are long enough for {n} prompts")
-    return prompts
+    # the same selection as the training script's engine-like acceptance
+    return ttp.file_start_prompts(lambda text: tok.encode(text).ids, held, n, min_len, max_len)
 
 
 def complete_all(server: VllmServer, prompts, max_tokens: int, logprobs: int | None):

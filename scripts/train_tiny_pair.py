@@ -68,7 +68,8 @@ TARGET_DIMS = dict(
 )
 #: target layers whose outputs feed the drafter (vLLM logs them as these + 1)
 DRAFT_TARGET_LAYER_IDS = [1, 4, 6]
-DRAFTER_LAYERS = 2
+#: 3 layers (2.6 M params, 5.1 MB bf16): recipe v3; the pair stays under 25 MB
+DRAFTER_LAYERS = 3
 
 #: The CPU preset (``--preset cpu``): what 2 CPU cores can train in about half an hour; same
 #: tokenizer and layout as the GPU pair, smaller dims, attention shape shared with its drafter.
@@ -413,6 +414,11 @@ def sample_anchors(lo, hi: int, n: int, gen):
     return torch.gather(cand.expand(b, -1), 1, pick).sort(dim=1).values
 
 
+def cache_bytes(n_seqs: int, seq_len: int, aux_dim: int, topk: int) -> int:
+    """Memory of a TargetCache: bf16 features, bf16 top-k log-probs, int16 top-k ids, int64 tokens."""
+    return n_seqs * seq_len * (aux_dim * 2 + topk * 2 + topk * 2 + 8)
+
+
 class TargetCache:
     """The frozen target's view of the drafter's training sequences, computed once: the outputs of
     the chosen layers (the drafter's context features) and the top-k next-token log-probs per
@@ -441,9 +447,16 @@ class TargetCache:
 
 
 def drafter_logits(cache: TargetCache, rows, anchors, drafter, target, mask_id, device):
-    """The drafter's logits for the blocks starting at ``anchors`` of sequences ``rows``, and the
-    target's top-k (log-probs, ids) for the same tokens. Position k (1..BS-1) of a block starting at
-    p0 is the token at p0 + k; the target predicts it at p0 + k - 1."""
+    """The drafter's logits for the blocks starting at ``anchors`` of sequences ``rows``, the
+    target's top-k (log-probs, ids) for the same tokens, and which block positions carry a label.
+
+    Position k (1..BS-1) of a block starting at p0 is the token at p0 + k; its label is the target's
+    argmax at p0 + k - 1 given the sequence's own prefix (one teacher-forced forward). That equals the
+    engine's greedy chain from p0 only while the sequence follows the target's argmax: position k
+    counts while ``seq[p0 + j] == argmax(p0 + j - 1)`` for j = 1..k-1 (position 1 always counts). On
+    greedy continuations this holds everywhere except for ties / bf16 noise between generation and
+    the full forward; on real text it cuts each block at the first token the target would not have
+    produced."""
     import torch
 
     seqs, aux = cache.seqs[rows], cache.aux[rows]
@@ -456,18 +469,56 @@ def drafter_logits(cache: TargetCache, rows, anchors, drafter, target, mask_id, 
     k = cache.top_lp.shape[-1]
     t_lp = torch.gather(cache.top_lp[rows], 1, src[:, :, None].expand(-1, -1, k)).view(b, -1, bs - 1, k)
     t_ix = torch.gather(cache.top_ix[rows], 1, src[:, :, None].expand(-1, -1, k)).view(b, -1, bs - 1, k)
+    t_ix = t_ix.long()
+    seq_next = torch.gather(seqs, 1, pos[:, :, 1:].reshape(b, -1)).view(b, -1, bs - 1)
+    valid = label_validity(seq_next, t_ix[..., 0])
     block_tokens = torch.full_like(pos, mask_id)
     block_tokens[:, :, 0] = torch.gather(seqs, 1, anchors)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         hid = drafter(aux, anchors, block_tokens, target.model.embed_tokens)
         d_logits = target.lm_head(hid[:, :, 1:])
-    return d_logits, t_lp.float(), t_ix.long()
+    return d_logits, t_lp.float(), t_ix, valid
 
 
-def train_drafter(target, drafter, cache: TargetCache, lo, args, mask_id, device, log):
-    """lo[i]: the first position of sequence i whose block labels are the target's greedy path."""
+def label_validity(seq_next, labels):
+    """[..., BS-1] bool: block position k (index k-1) has a greedy-chain label. ``seq_next[..., k-1]``
+    is the sequence's token at p0 + k, ``labels[..., k-1]`` the target's argmax for it."""
+    import torch
+
+    follows = (seq_next == labels).to(torch.int32)
+    first = torch.ones_like(follows[..., :1])
+    return torch.cat([first, follows[..., :-1].cumprod(-1)], dim=-1).bool()
+
+
+def distill_loss_terms(d_logits, t_lp, t_ix, valid, pos_w):
+    """(weighted loss sum, weight sum) of cross entropy to the target's greedy token plus KL(target
+    top-k || drafter) per block position; both terms count only where the label is valid."""
     import torch
     import torch.nn.functional as F
+
+    d_logp = F.log_softmax(d_logits.float(), -1)
+    ce = -torch.gather(d_logp, -1, t_ix[..., :1])[..., 0]
+    # KL(target || drafter) over the target's top-k (renormalised): the soft part of distillation
+    t_p = torch.softmax(t_lp, -1)
+    kl = (t_p * (torch.log_softmax(t_lp, -1) - torch.gather(d_logp, -1, t_ix))).sum(-1)
+    w = pos_w * valid.to(pos_w.dtype)
+    return ((ce + kl) * w).sum(), w.sum()
+
+
+def split_batch(total: int, real_frac: float, have_real: bool, have_greedy: bool) -> tuple[int, int]:
+    """(real-text rows, greedy rows) of one drafter batch."""
+    if not have_real:
+        return 0, total
+    if not have_greedy:
+        return total, 0
+    n_real = min(total - 1, max(1, round(total * real_frac)))
+    return n_real, total - n_real
+
+
+def train_drafter(target, drafter, sources, args, mask_id, device, log):
+    """sources: {name: (TargetCache, lo, rows per step)}; lo[i] is the first anchor position of
+    sequence i (the prompt length of a greedy continuation, 1 for a real-text window)."""
+    import torch
 
     gen = torch.Generator().manual_seed(args.seed + 23)
     opt = torch.optim.AdamW(drafter.parameters(), lr=args.drafter_lr, betas=(0.9, 0.95),
@@ -477,7 +528,8 @@ def train_drafter(target, drafter, cache: TargetCache, lo, args, mask_id, device
     pos_w = pos_w / pos_w.mean()
     t0 = time.monotonic()
     steps_done = 0
-    n_seq, seq_len = cache.seqs.shape
+    valid_sum = {name: torch.zeros(BLOCK_SIZE - 1, device=device) for name in sources}
+    blocks_seen = {name: 0 for name in sources}
     for step in range(args.drafter_steps):
         if time.monotonic() - t0 > args.drafter_max_s:
             log(f"drafter: stopping at step {step}: time cap {args.drafter_max_s}s")
@@ -485,33 +537,47 @@ def train_drafter(target, drafter, cache: TargetCache, lo, args, mask_id, device
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args.drafter_steps, args.drafter_lr, args.warmup,
                             (time.monotonic() - t0) / args.drafter_max_s)
-        rows = torch.randint(0, n_seq, (args.drafter_batch,), generator=gen)
-        anchors = sample_anchors(lo[rows], seq_len - BLOCK_SIZE, args.blocks_per_seq, gen)
-        rows, anchors = rows.to(device), anchors.to(device)
-        d_logits, t_lp, t_ix = drafter_logits(cache, rows, anchors, drafter, target, mask_id, device)
-        d_logp = F.log_softmax(d_logits.float(), -1)
-        greedy = t_ix[..., 0]
-        ce = -torch.gather(d_logp, -1, greedy[..., None])[..., 0]
-        # KL(target || drafter) over the target's top-k (renormalised): the soft part of distillation
-        t_p = torch.softmax(t_lp, -1)
-        kl = (t_p * (torch.log_softmax(t_lp, -1) - torch.gather(d_logp, -1, t_ix))).sum(-1)
-        loss = ((ce + kl) * pos_w).mean()
+        loss_sum, w_sum, hits, counts = 0.0, 0.0, 0.0, 0.0
+        for name, (cache, lo, n_rows) in sources.items():
+            if n_rows == 0:
+                continue
+            n_seq, seq_len = cache.seqs.shape
+            rows = torch.randint(0, n_seq, (n_rows,), generator=gen)
+            anchors = sample_anchors(lo[rows], seq_len - BLOCK_SIZE, args.blocks_per_seq, gen)
+            rows, anchors = rows.to(device), anchors.to(device)
+            d_logits, t_lp, t_ix, valid = drafter_logits(cache, rows, anchors, drafter, target,
+                                                         mask_id, device)
+            ls, ws = distill_loss_terms(d_logits, t_lp, t_ix, valid, pos_w)
+            loss_sum, w_sum = loss_sum + ls, w_sum + ws
+            with torch.no_grad():
+                vf = valid.float()
+                valid_sum[name] += vf.sum(dim=(0, 1))
+                blocks_seen[name] += vf.shape[0] * vf.shape[1]
+                hits = hits + ((d_logits.argmax(-1) == t_ix[..., 0]).float() * vf).sum(dim=(0, 1))
+                counts = counts + vf.sum(dim=(0, 1))
+        loss = loss_sum / w_sum.clamp_min(1e-6)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(drafter.parameters(), 1.0)
         opt.step()
         steps_done = step + 1
         if step % 25 == 0 or step == args.drafter_steps - 1:
-            with torch.no_grad():
-                acc = (d_logits.argmax(-1) == greedy).float().mean(dim=(0, 1))
+            acc = (hits / counts.clamp_min(1)).tolist()
             log(f"drafter step {step:5d} loss {loss.item():.3f} top1@k1 {acc[0]:.2f} "
-                f"@k4 {acc[3]:.2f} @k8 {acc[7]:.2f} {time.monotonic() - t0:6.1f}s")
-    return {"steps": steps_done, "seconds": round(time.monotonic() - t0, 1)}
+                f"@k4 {acc[3]:.2f} @k8 {acc[7]:.2f} (labelled positions) "
+                f"{time.monotonic() - t0:6.1f}s")
+    labelled = {name: [round(float(v) / max(1, blocks_seen[name]), 3) for v in valid_sum[name]]
+                for name in sources if blocks_seen[name]}
+    return {"steps": steps_done, "seconds": round(time.monotonic() - t0, 1),
+            "labelled_fraction_by_block_position": labelled}
 
 
-def offline_acceptance(target, drafter, cache: TargetCache, lo, mask_id, device, blocks: int, gen):
-    """Flat-DFlash acceptance length estimated offline on greedy continuations: per block, 1 + the
-    number of leading drafted tokens equal to the target's greedy tokens (the bonus token)."""
+def per_anchor_acceptance(target, drafter, cache: TargetCache, lo, mask_id, device, blocks: int,
+                          gen):
+    """The recipe-v1/v2 offline metric, kept for comparison: mean over random anchors inside greedy
+    continuations (often deep in them, where they repeat themselves) of 1 + the leading drafted
+    tokens equal to the target's greedy tokens. It overstates what the engine sees; the headline is
+    ``engine_like_acceptance``."""
     import torch
 
     drafter.eval()
@@ -521,12 +587,96 @@ def offline_acceptance(target, drafter, cache: TargetCache, lo, mask_id, device,
         for b0 in range(0, n_seq, 16):
             rows = torch.arange(b0, min(n_seq, b0 + 16))
             anchors = sample_anchors(lo[rows], seq_len - BLOCK_SIZE, blocks, gen)
-            d_logits, _, t_ix = drafter_logits(cache, rows.to(device), anchors.to(device), drafter,
-                                               target, mask_id, device)
-            ok = (d_logits.argmax(-1) == t_ix[..., 0]).int()
-            lens.append((ok.cumprod(-1).sum(-1) + 1).float().flatten())
+            d_logits, _, t_ix, _ = drafter_logits(cache, rows.to(device), anchors.to(device), drafter,
+                                                  target, mask_id, device)
+            lens.append((leading_matches(d_logits.argmax(-1), t_ix[..., 0]) + 1).float().flatten())
     drafter.train()
     return float(torch.cat(lens).mean())
+
+
+def leading_matches(drafts, truth):
+    """[...]: how many leading drafted tokens equal the truth (drafts, truth: [..., BS-1])."""
+    import torch
+
+    return (drafts == truth).to(torch.int32).cumprod(-1).sum(-1)
+
+
+def chain_walk(matches: list[int], new_tokens: int, block: int = BLOCK_SIZE) -> tuple[int, list[int]]:
+    """The engine's flat-DFlash chain over one greedy request, from the leading-match count of the
+    draft anchored at every generated token (``matches[a]``: the block [token a, mask x 15] placed
+    right after generated token a; a = 0 is the first generated token, the prefill's output).
+
+    The engine drafts at a = 0, accepts matches[a] drafts plus the bonus token, and drafts next at
+    a + matches[a] + 1, until ``new_tokens`` tokens exist (prefill's token + every step's tokens).
+    Returns (draft steps, accepted count per draft position [block - 1]); acceptance length as vLLM
+    reports it = 1 + sum(accepted) / steps."""
+    if new_tokens < 1:
+        raise ValueError(f"new_tokens must be >= 1, got {new_tokens}")
+    per_pos = [0] * (block - 1)
+    steps, a = 0, 0
+    while a < new_tokens - 1:
+        if a >= len(matches):
+            raise ValueError(f"matches has {len(matches)} anchors; the chain needs anchor {a}")
+        m = int(matches[a])
+        if not 0 <= m <= block - 1:
+            raise ValueError(f"matches[{a}] = {m} is outside 0..{block - 1}")
+        steps += 1
+        for j in range(m):
+            per_pos[j] += 1
+        a += m + 1
+    return steps, per_pos
+
+
+def engine_like_acceptance(target, tap, drafter, prompts, new_tokens: int, mask_id, device) -> dict:
+    """Flat-DFlash acceptance length as vLLM measures it (``measure_tiny_pair.py``: greedy, 15
+    speculative tokens, ``new_tokens`` tokens per prompt, pooled over prompts), computed offline:
+    the target continues each prompt greedily, one teacher-forced forward over prompt + continuation
+    gives the drafter's context features, the drafter drafts at every generated token, and
+    ``chain_walk`` follows the anchors the engine would use."""
+    import torch
+
+    drafter.eval()
+    steps, per_pos = 0, [0] * (BLOCK_SIZE - 1)
+    dt = torch.bfloat16 if device.type == "cuda" else torch.float32
+    with torch.no_grad():
+        for prompt in prompts:
+            n_p = len(prompt)
+            seq = greedy_continue(target, torch.tensor([prompt], device=device),
+                                  new_tokens + BLOCK_SIZE, device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                target(input_ids=seq)
+                aux = tap.features().to(dt)
+                anchors = torch.arange(n_p, n_p + new_tokens, device=device)[None]
+                block = torch.full((1, new_tokens, BLOCK_SIZE), mask_id, device=device)
+                block[0, :, 0] = seq[0, n_p:n_p + new_tokens]
+                hid = drafter(aux, anchors, block, target.model.embed_tokens)
+                drafts = target.lm_head(hid[0, :, 1:]).argmax(-1)  # [new_tokens, BS-1]
+            idx = anchors[0, :, None] + torch.arange(1, BLOCK_SIZE, device=device)
+            m = leading_matches(drafts, seq[0][idx]).tolist()
+            s, pp = chain_walk(m, new_tokens)
+            steps += s
+            per_pos = [x + y for x, y in zip(per_pos, pp)]
+    drafter.train()
+    return {"acceptance_length": round(1 + sum(per_pos) / max(1, steps), 3), "drafts": steps,
+            "accepted_tokens": sum(per_pos), "accepted_per_position": per_pos,
+            "prompts": len(prompts), "new_tokens": new_tokens}
+
+
+def file_start_prompts(encode, files, n: int, min_len: int = 48, max_len: int = 256) -> list[list[int]]:
+    """``n`` token-id prompts, each the start of a different ``.py`` file of ``files`` ((relative
+    path, path) in path order), lengths spread over [min_len, max_len], skipping files too short.
+    ``measure_tiny_pair.heldout_prompts`` (the vLLM measurement) uses this on the held-out files."""
+    prompts = []
+    for _, path in (f for f in files if f[0].endswith(".py")):
+        if len(prompts) == n:
+            break
+        want = min_len + (len(prompts) * 37) % (max_len - min_len + 1)
+        ids = encode(read_text(path))
+        if len(ids) >= want + 8:
+            prompts.append(ids[:want])
+    if len(prompts) < n:
+        raise ValueError(f"only {len(prompts)} files are long enough for {n} prompts")
+    return prompts
 
 
 def make_greedy_data(target, stream, n: int, seq_len: int, prompt_lens: list[int], batch: int,
@@ -666,8 +816,26 @@ def parse_args(argv=None):
     ap.add_argument("--preset", choices=["gpu", "cpu"], default="gpu",
                     help="gpu: the full pair (minutes on an H100); cpu: smaller dims and step counts "
                          "that 2 CPU cores train in about half an hour")
+    ap.add_argument("--drafter-only", action="store_true",
+                    help="load the trained target from --target instead of training one; the export "
+                         "copies its files byte-identical and keeps its report section")
+    ap.add_argument("--target", type=Path, default=None,
+                    help="with --drafter-only: the target folder (e.g. models/tiny-pair/target)")
+    ap.add_argument("--init-drafter", type=Path, default=None,
+                    help="start from this drafter checkpoint (its layer count and target layers); "
+                         "with --drafter-steps 0 this only evaluates it")
+    ap.add_argument("--layer-ids", default=None,
+                    help="target layers feeding the drafter, e.g. 1,4,6 (default: the preset's; with "
+                         "--drafter-only the committed drafter's next to --target when present)")
     ap.add_argument("--n-eval", type=int, default=128, help="held-out greedy continuations for the "
-                    "offline acceptance estimate")
+                    "per-anchor (recipe v2) acceptance estimate")
+    ap.add_argument("--chain-prompts", type=int, default=20,
+                    help="held-out prompts of the engine-like acceptance (the first ones of "
+                         "measure_tiny_pair.py's list)")
+    ap.add_argument("--chain-train-prompts", type=int, default=20,
+                    help="the same on training-file prompts (0: skip)")
+    ap.add_argument("--chain-tokens", type=int, default=64,
+                    help="greedy tokens per prompt of the engine-like acceptance")
     ap.add_argument("--eval-windows", type=int, default=400, help="held-out perplexity windows")
     ap.add_argument("--drafter-layers", type=int, default=DRAFTER_LAYERS)
     ap.add_argument("--device", default=None)
@@ -680,7 +848,18 @@ def parse_args(argv=None):
     ap.add_argument("--gen-prompts", type=int, default=8192, help="greedy continuations to make")
     ap.add_argument("--gen-prompt-lens", default="48,176",
                     help="prompt lengths of the greedy continuations (one per generation batch)")
+    ap.add_argument("--gen-len", type=int, default=None,
+                    help="tokens per greedy sequence, prompt included (default --seq-len)")
     ap.add_argument("--gen-batch", type=int, default=2048)
+    ap.add_argument("--real-windows", type=int, default=16384,
+                    help="training-text windows labelled by one teacher-forced target forward "
+                         "(0: greedy continuations only, recipe v2)")
+    ap.add_argument("--real-len", type=int, default=None, help="tokens per real-text window "
+                    "(default --seq-len)")
+    ap.add_argument("--real-frac", type=float, default=0.5,
+                    help="share of each drafter batch taken from the real-text windows")
+    ap.add_argument("--cache-max-gb", type=float, default=40.0,
+                    help="refuse to start when the cached target features + top-k exceed this")
     ap.add_argument("--topk", type=int, default=16, help="target log-probs kept for the KL term")
     ap.add_argument("--drafter-steps", type=int, default=12000)
     ap.add_argument("--drafter-batch", type=int, default=32)
@@ -703,17 +882,76 @@ def parse_args(argv=None):
                         "--drafter-batch": ("drafter_batch", 8), "--blocks-per-seq": ("blocks_per_seq", 12),
                         "--drafter-lr": ("drafter_lr", 2e-3), "--drafter-max-s": ("drafter_max_s", 420),
                         "--n-eval": ("n_eval", 24), "--eval-windows": ("eval_windows", 96),
-                        "--drafter-layers": ("drafter_layers", 1)}
+                        "--drafter-layers": ("drafter_layers", 1), "--real-windows": ("real_windows", 1024)}
         for flag, (attr, value) in cpu_defaults.items():
             if flag not in given:
                 setattr(args, attr, value)
     if args.smoke:
         args.seq_len, args.batch, args.target_steps, args.warmup = 32, 4, 3, 2
-        args.gen_prompts, args.gen_prompt_lens, args.gen_batch = 4, "8,12", 2
-        args.drafter_steps, args.drafter_batch, args.blocks_per_seq = 4, 2, 3
+        args.gen_prompts, args.gen_prompt_lens, args.gen_batch = min(args.gen_prompts, 4), "8,12", 2
+        args.drafter_steps = min(args.drafter_steps, 4)
+        args.drafter_batch, args.blocks_per_seq = 2, 3
         args.max_files = args.max_files or 40
         args.n_eval, args.eval_windows, args.drafter_layers = 4, 8, 1
+        args.real_windows, args.chain_prompts, args.chain_tokens = 6, 1, 8
+        args.chain_train_prompts = min(args.chain_train_prompts, 1)
+    args.gen_len = args.gen_len or args.seq_len
+    args.real_len = args.real_len or args.seq_len
+    if args.drafter_only and args.target is None:
+        raise ValueError("--drafter-only needs --target DIR (the trained target folder)")
+    if args.target is not None and not args.drafter_only:
+        raise ValueError("--target is only used with --drafter-only")
+    if args.drafter_only and not (args.target / "model.safetensors").is_file():
+        raise ValueError(f"--target {args.target}: no model.safetensors there")
+    if not 0.0 <= args.real_frac <= 1.0:
+        raise ValueError(f"--real-frac must be in [0, 1], got {args.real_frac}")
+    if args.real_windows < 0 or args.gen_prompts < 0:
+        raise ValueError("--real-windows and --gen-prompts must be >= 0")
+    if (args.real_windows == 0 or args.real_frac == 0) and args.gen_prompts == 0:
+        raise ValueError("no drafter data: --gen-prompts 0 and no real-text windows in use")
+    for name in ("gen_len", "real_len"):
+        if getattr(args, name) < BLOCK_SIZE + 2:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {BLOCK_SIZE + 2}")
     return args
+
+
+def load_target(target_dir: Path, device):
+    """The exported target (``export_target`` layout) as transformers' Qwen3_5ForCausalLM in float32
+    (bf16 weights widen exactly) with its text config."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import Qwen3_5TextConfig
+    from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5ForCausalLM
+
+    cfg = json.loads((target_dir / "config.json").read_text())
+    tcfg = Qwen3_5TextConfig(**{k: v for k, v in cfg["text_config"].items() if k != "model_type"})
+    tcfg._attn_implementation = "sdpa"
+    model = Qwen3_5ForCausalLM(tcfg)
+    state = {k.replace("model.language_model.", "model.", 1): v.to(torch.float32)
+             for k, v in load_file(target_dir / "model.safetensors").items()}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{target_dir}: not a tiny-pair target (missing {missing[:4]}, "
+                         f"unexpected {unexpected[:4]})")
+    return model.to(device), tcfg
+
+
+def cpu_model_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def sha256_file(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+#: tokenizer files that travel with both checkpoints
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 
 
 def main(argv=None) -> int:
@@ -732,24 +970,34 @@ def main(argv=None) -> int:
     if not args.stdlib.is_dir():
         raise ValueError(f"--stdlib {args.stdlib} is not a directory")
 
-    # 1-2: corpus, tokenizer, token streams
+    # 1-2: corpus, tokenizer (trained here, or the committed target's), token streams
     train_files, held_files = split_corpus(args.stdlib, max_files=args.max_files)
     if not held_files or not train_files:
         raise ValueError(f"--stdlib {args.stdlib}: need both training and held-out files")
     train_texts = [read_text(p) for _, p in train_files]
     held_texts = [read_text(p) for _, p in held_files]
-    vocab = 512 if args.smoke else VOCAB_SIZE
     work = args.out
+    import shutil
     import tempfile
     tok_dir = Path(tempfile.mkdtemp(prefix="tiny-pair-tokenizer-"))
-    tok = train_tokenizer(train_texts, vocab, tok_dir)
+    if args.drafter_only:
+        from tokenizers import Tokenizer
+
+        for name in TOKENIZER_FILES:
+            if (args.target / name).is_file():
+                shutil.copyfile(args.target / name, tok_dir / name)
+        tok = Tokenizer.from_file(str(args.target / "tokenizer.json"))
+        vocab = tok.get_vocab_size()
+    else:
+        vocab = 512 if args.smoke else VOCAB_SIZE
+        tok = train_tokenizer(train_texts, vocab, tok_dir)
     eos_id, mask_id = tok.token_to_id(EOS_TOKEN), tok.token_to_id(MASK_TOKEN)
     train_stream = torch.from_numpy(encode_stream(tok, train_texts, eos_id).astype(np.int64))
     held_stream = torch.from_numpy(encode_stream(tok, held_texts, eos_id).astype(np.int64))
     log(f"corpus {args.stdlib}: {len(train_files)} train files ({len(train_stream)} tokens), "
         f"{len(held_files)} held-out files ({len(held_stream)} tokens)")
 
-    # 3: target
+    # 3: target (trained, or loaded with --drafter-only)
     gdn_impl = select_gdn(args.gdn, device, log)
     from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5ForCausalLM
 
@@ -759,12 +1007,29 @@ def main(argv=None) -> int:
         dims, layer_ids = CPU_DIMS, CPU_LAYER_IDS
     else:
         dims, layer_ids = TARGET_DIMS, DRAFT_TARGET_LAYER_IDS
-    tcfg = target_text_config(dims, vocab, eos_id)
-    tcfg._attn_implementation = "sdpa"
-    target = Qwen3_5ForCausalLM(tcfg).to(device)
+    if args.drafter_only:
+        target, tcfg = load_target(args.target, device)
+        dims = {k: getattr(tcfg, k) for k in TARGET_DIMS}
+        sibling = args.target.parent / "drafter" / "config.json"
+        if sibling.is_file():
+            layer_ids = json.loads(sibling.read_text())["dflash_config"]["target_layer_ids"]
+        target_run = {"retrained": False}
+    else:
+        tcfg = target_text_config(dims, vocab, eos_id)
+        tcfg._attn_implementation = "sdpa"
+        target = Qwen3_5ForCausalLM(tcfg).to(device)
+    if args.init_drafter is not None:
+        layer_ids = json.loads((args.init_drafter / "config.json").read_text())[
+            "dflash_config"]["target_layer_ids"]
+    if args.layer_ids:
+        layer_ids = [int(x) for x in args.layer_ids.split(",")]
+    if not layer_ids or max(layer_ids) >= tcfg.num_hidden_layers or min(layer_ids) < 0:
+        raise ValueError(f"--layer-ids {layer_ids}: need target layers in 0..{tcfg.num_hidden_layers - 1}")
     n_target = sum(p.numel() for p in target.parameters())
-    log(f"target: {n_target / 1e6:.2f}M parameters, GDN kernels: {gdn_impl}")
-    target_run = train_target(target, train_stream, args, device, log)
+    log(f"target: {n_target / 1e6:.2f}M parameters, GDN kernels: {gdn_impl}"
+        + (f", loaded from {args.target}" if args.drafter_only else ""))
+    if not args.drafter_only:
+        target_run = train_target(target, train_stream, args, device, log)
     target.eval()
     for p in target.parameters():
         p.requires_grad_(False)
@@ -772,62 +1037,169 @@ def main(argv=None) -> int:
     uni = unigram_nll(train_stream.numpy(), held_stream.numpy(), vocab)
     log(f"held-out perplexity {math.exp(nll):.2f} (unigram {math.exp(uni):.1f})")
 
-    # 4: greedy continuations of training-text prompts (and of held-out ones, for evaluation)
+    # 4: drafter data. Greedy continuations of training-text prompts (the engine's situation:
+    # contexts the target wrote itself) and real training-text windows labelled by one teacher-forced
+    # forward (many more contexts for the same cost; labels masked where they leave the greedy chain)
+    aux_dim = tcfg.hidden_size * len(layer_ids)
+    use_real = args.real_windows > 0 and args.real_frac > 0
+    n_real = args.real_windows if use_real else 0
+    planned = {"greedy": cache_bytes(args.gen_prompts, args.gen_len, aux_dim, args.topk),
+               "real_text": cache_bytes(n_real, args.real_len, aux_dim, args.topk),
+               "eval": cache_bytes(args.n_eval, args.seq_len, aux_dim, args.topk)}
+    total_gb = sum(planned.values()) / 1e9
+    log(f"target cache plan: {total_gb:.2f} GB ({', '.join(f'{k} {v / 1e9:.2f}' for k, v in planned.items())})")
+    if total_gb > args.cache_max_gb:
+        raise ValueError(f"--cache-max-gb {args.cache_max_gb}: the target caches need {total_gb:.2f} GB; "
+                         f"lower --real-windows / --gen-prompts or raise the cap")
     gen = torch.Generator().manual_seed(args.seed + 31)
     t_gen = time.monotonic()
     prompt_lens = [int(x) for x in args.gen_prompt_lens.split(",")]
-    data, data_lo = make_greedy_data(target, train_stream, args.gen_prompts, args.seq_len,
-                                     prompt_lens, args.gen_batch, device, gen)
-    n_eval = args.n_eval
-    eval_data, eval_lo = make_greedy_data(target, held_stream, n_eval, args.seq_len, prompt_lens,
-                                          max(1, n_eval // len(prompt_lens)), device, gen)
-    gen_s = time.monotonic() - t_gen
-    log(f"greedy continuations: {data.shape[0]} x {data.shape[1]} tokens in {gen_s:.1f}s")
+    if max(prompt_lens) >= args.gen_len - BLOCK_SIZE:
+        raise ValueError(f"--gen-prompt-lens {prompt_lens}: each must be < --gen-len - {BLOCK_SIZE}")
     tap = LayerTap(target.model.layers, layer_ids)
-    cache = TargetCache(target, tap, data, device, args.topk)
+    sources = {}
+    n_real_rows, n_greedy_rows = split_batch(args.drafter_batch, args.real_frac, use_real,
+                                             args.gen_prompts > 0)
+    data = None
+    if args.gen_prompts > 0:
+        data, data_lo = make_greedy_data(target, train_stream, args.gen_prompts, args.gen_len,
+                                         prompt_lens, args.gen_batch, device, gen)
+        log(f"greedy continuations: {data.shape[0]} x {data.shape[1]} tokens in "
+            f"{time.monotonic() - t_gen:.1f}s")
+        cache = TargetCache(target, tap, data, device, args.topk)
+        sources["greedy"] = (cache, data_lo, n_greedy_rows)
+    gen_s = time.monotonic() - t_gen
+    t_real = time.monotonic()
+    if use_real:
+        real = random_windows(train_stream, n_real, args.real_len - 1, gen)
+        real_cache = TargetCache(target, tap, real, device, args.topk)
+        sources["real_text"] = (real_cache, torch.ones(n_real, dtype=torch.long), n_real_rows)
+    real_s = time.monotonic() - t_real
+    eval_data, eval_lo = make_greedy_data(target, held_stream, args.n_eval, args.seq_len, prompt_lens,
+                                          max(1, args.n_eval // len(prompt_lens)), device, gen)
     eval_cache = TargetCache(target, tap, eval_data, device, args.topk)
-    log("target features cached")
+    log(f"target features cached (real-text windows {n_real} x {args.real_len} in {real_s:.1f}s); "
+        f"rows per drafter step: real text {n_real_rows}, greedy {n_greedy_rows}")
 
     # 5: drafter
     DFlashModel = build_drafter_class()
-    dcfg = drafter_cfg(tcfg, args.drafter_layers, len(layer_ids))
+    n_layers = args.drafter_layers
+    if args.init_drafter is not None:
+        n_layers = json.loads((args.init_drafter / "config.json").read_text())["num_hidden_layers"]
+    dcfg = drafter_cfg(tcfg, n_layers, len(layer_ids))
     torch.manual_seed(args.seed + 1)
     drafter = DFlashModel(dcfg).to(device)
+    if args.init_drafter is not None:
+        from safetensors.torch import load_file
+
+        drafter.load_state_dict({k: v.float() for k, v in
+                                 load_file(args.init_drafter / "model.safetensors").items()})
     n_drafter = sum(p.numel() for p in drafter.parameters())
-    log(f"drafter: {n_drafter / 1e6:.2f}M parameters (+ the target's embedding and LM head)")
-    drafter_run = train_drafter(target, drafter, cache, data_lo, args, mask_id, device, log)
+    log(f"drafter: {n_layers} layers, {n_drafter / 1e6:.2f}M parameters (+ the target's embedding "
+        f"and LM head)")
+    drafter_run = train_drafter(target, drafter, sources, args, mask_id, device, log)
+    t_eval = time.monotonic()
+    encode = lambda text: tok.encode(text).ids  # noqa: E731
+    chain_min, chain_max = (48, 64) if args.smoke else (48, 256)
+    chain_held = engine_like_acceptance(
+        target, tap, drafter, file_start_prompts(encode, held_files, args.chain_prompts, chain_min,
+                                                 chain_max), args.chain_tokens, mask_id, device)
+    chain_train = None
+    if args.chain_train_prompts > 0:
+        chain_train = engine_like_acceptance(
+            target, tap, drafter, file_start_prompts(encode, train_files, args.chain_train_prompts,
+                                                     chain_min, chain_max),
+            args.chain_tokens, mask_id, device)
+    train_al = f"{chain_train['acceptance_length']:.2f}" if chain_train else "-"
     al_gen = torch.Generator().manual_seed(args.seed + 41)
-    al_held = offline_acceptance(target, drafter, eval_cache, eval_lo, mask_id, device, 8, al_gen)
-    al_train = offline_acceptance(target, drafter, TargetCacheView(cache, 128), data_lo[:128],
-                                  mask_id, device, 8, al_gen)
-    log(f"offline flat-DFlash acceptance length on greedy continuations: held-out prompts "
-        f"{al_held:.2f}, training prompts {al_train:.2f}")
+    al_held = per_anchor_acceptance(target, drafter, eval_cache, eval_lo, mask_id, device, 8, al_gen)
+    al_train = None
+    if data is not None:
+        al_train = per_anchor_acceptance(target, drafter, TargetCacheView(cache, 128), data_lo[:128],
+                                         mask_id, device, 8, al_gen)
+    log(f"ENGINE-LIKE flat-DFlash acceptance length (chain over the first {args.chain_tokens} greedy "
+        f"tokens of {chain_held['prompts']} prompts, as measure_tiny_pair.py runs vLLM): held-out "
+        f"{chain_held['acceptance_length']:.2f}, training files {train_al}")
+    log(f"  accepted per draft position (held-out): "
+        f"{' '.join(map(str, chain_held['accepted_per_position']))} of {chain_held['drafts']} drafts")
+    log(f"per-anchor average inside greedy continuations (recipe v2 metric, overstates): held-out "
+        f"{al_held:.2f}" + (f", training prompts {al_train:.2f}" if al_train is not None else "")
+        + f"; eval {time.monotonic() - t_eval:.1f}s")
 
     # 6: export
-    export_target(target, tcfg, tok_dir, work / "target")
+    if args.drafter_only:
+        dst = work / "target"
+        if dst.resolve() != args.target.resolve():
+            if dst.exists():
+                shutil.rmtree(dst)
+            shutil.copytree(args.target, dst)
+        changed = [f.name for f in args.target.iterdir() if f.is_file()
+                   and sha256_file(f) != sha256_file(dst / f.name)]
+        if changed:
+            raise RuntimeError(f"target files changed in the copy: {changed}")
+    else:
+        export_target(target, tcfg, tok_dir, work / "target")
     export_drafter(drafter, dcfg, tcfg, layer_ids, mask_id, tok_dir, work / "drafter")
     write_sha256sums(work)
     sizes = {sub: sum(p.stat().st_size for p in (work / sub).rglob("*") if p.is_file())
              for sub in ("target", "drafter")}
+    target_section = {"parameters": n_target, "dims": dims, "gdn_kernels": gdn_impl, **target_run,
+                      "seq_len": args.seq_len, "batch": args.batch,
+                      "heldout_nll": round(nll, 4), "heldout_perplexity": round(math.exp(nll), 3),
+                      "unigram_perplexity": round(math.exp(uni), 2)}
+    if args.drafter_only:
+        old_report = args.target.parent / "train_report.json"
+        old = json.loads(old_report.read_text()) if old_report.is_file() else {}
+        target_section = {
+            "note": "not retrained in this run: the files are copied byte-identical from "
+                    f"{args.target}; 'trained' is that run's report section",
+            "trained": {**old.get("target", {}), "device": old.get("device"),
+                        "command": old.get("command")},
+            "recheck_here": {"parameters": n_target, "gdn_kernels": gdn_impl,
+                             "heldout_nll": round(nll, 4),
+                             "heldout_perplexity": round(math.exp(nll), 3),
+                             "unigram_perplexity": round(math.exp(uni), 2)},
+            "sha256": {f.name: sha256_file(f) for f in sorted(args.target.iterdir()) if f.is_file()},
+        }
+    acc_what = ("flat DFlash, greedy, 15 drafts: the engine's chain (draft at the first generated "
+                "token, jump by the accepted length) over the first chain_tokens greedy tokens after "
+                "prompts that start a .py file (lengths 48..256); 'heldout' uses the held-out files "
+                "in measure_tiny_pair.py's order (its first prompts), 'train' training files")
     report = {
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({cpu_model_name()})",
         "torch": torch.__version__,
         "python": platform.python_version(),
+        "recipe": "v3",
+        "drafter_only": args.drafter_only,
         "corpus": {"stdlib": str(args.stdlib), "train_files": len(train_files),
                    "heldout_files": len(held_files), "train_tokens": len(train_stream),
                    "heldout_tokens": len(held_stream),
                    "heldout_rule": f"sha256(relative path)[0] < {HELDOUT_BYTE_BELOW}"},
         "tokenizer": {"type": "byte-level BPE", "vocab_size": vocab},
-        "target": {"parameters": n_target, "dims": dims, "gdn_kernels": gdn_impl, **target_run,
-                   "seq_len": args.seq_len, "batch": args.batch,
-                   "heldout_nll": round(nll, 4), "heldout_perplexity": round(math.exp(nll), 3),
-                   "unigram_perplexity": round(math.exp(uni), 2)},
-        "greedy_data": {"sequences": int(data.shape[0]), "length": int(data.shape[1]),
-                        "prompt_lens": prompt_lens, "seconds": round(gen_s, 1)},
+        "target": target_section,
+        "drafter_data": {
+            "greedy": ({"sequences": int(data.shape[0]), "length": int(data.shape[1]),
+                        "prompt_lens": prompt_lens, "seconds": round(gen_s, 1)}
+                       if data is not None else None),
+            "real_text": ({"windows": n_real, "length": args.real_len, "seconds": round(real_s, 1),
+                           "labels": "teacher-forced target argmax; block position k counts while the "
+                                     "real tokens before it equal the target's argmax"}
+                          if use_real else None),
+            "rows_per_step": {"real_text": n_real_rows, "greedy": n_greedy_rows},
+            "cache_bytes_planned": planned,
+            "cache_max_gb": args.cache_max_gb,
+        },
         "drafter": {"parameters": n_drafter, "layers": dcfg["layers"], "block_size": BLOCK_SIZE,
                     "target_layer_ids": layer_ids, **drafter_run,
-                    "offline_acceptance_length_heldout": round(al_held, 3),
-                    "offline_acceptance_length_train": round(al_train, 3),
+                    "init": str(args.init_drafter) if args.init_drafter else None,
+                    "acceptance_engine_like_heldout": chain_held,
+                    "acceptance_engine_like_train": chain_train,
+                    "acceptance_engine_like_what": acc_what,
+                    "acceptance_per_anchor_deep_heldout": round(al_held, 3),
+                    "acceptance_per_anchor_deep_train": (round(al_train, 3) if al_train is not None
+                                                         else None),
+                    "acceptance_per_anchor_what": "recipe v1/v2 metric, overstates: mean over random "
+                                                  "anchors inside 512-token greedy continuations",
                     "drafter_batch": args.drafter_batch, "blocks_per_seq": args.blocks_per_seq},
         "bytes": sizes,
         "seed": args.seed,
@@ -837,10 +1209,16 @@ def main(argv=None) -> int:
             a for a in (argv if argv is not None else sys.argv[1:])),
         "total_seconds": round(time.monotonic() - t_start, 1),
     }
+    if torch.cuda.is_available() and device.type == "cuda":
+        report["cuda_max_memory_allocated_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 2)
     (work / "train_report.json").write_text(json.dumps(report, indent=2) + "\n")
     if args.report:
         args.report.parent.mkdir(parents=True, exist_ok=True)
         args.report.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"| target | drafter | engine-like AL held-out | train files | per-anchor AL (old) |\n"
+          f"| {n_target / 1e6:.2f}M ppl {math.exp(nll):.2f} | {dcfg['layers']} layers "
+          f"{n_drafter / 1e6:.2f}M | {chain_held['acceptance_length']:.2f} | "
+          f"{train_al} | {al_held:.2f} |", flush=True)
     log(f"wrote {work} (target {sizes['target'] / 1e6:.1f} MB, drafter {sizes['drafter'] / 1e6:.1f} MB)")
     return 0
 

@@ -106,15 +106,35 @@ def test_training_forward_matches_vllm_drafter():
             assert v == o, res
 
 
-def test_smoke_training_produces_loadable_checkpoints(tmp_path):
-    out = tmp_path / "pair"
+def _run_training(*flags: str) -> None:
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    r = subprocess.run([sys.executable, str(REPO / "scripts" / "train_tiny_pair.py"), "--smoke",
-                        "--out", str(out)], capture_output=True, text=True, env=env, timeout=600)
+    r = subprocess.run([sys.executable, str(REPO / "scripts" / "train_tiny_pair.py"), *flags],
+                       capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def smoke_pair(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("smoke") / "pair"
+    _run_training("--smoke", "--out", str(out))
+    return out
+
+
+def _check_engine_like_report(section: dict) -> None:
+    acc = section["acceptance_engine_like_heldout"]
+    assert acc["drafts"] > 0 and len(acc["accepted_per_position"]) == 15
+    assert acc["acceptance_length"] == pytest.approx(
+        1 + sum(acc["accepted_per_position"]) / acc["drafts"], abs=1e-3)
+    assert "acceptance_per_anchor_deep_heldout" in section
+
+
+def test_smoke_training_produces_loadable_checkpoints(smoke_pair):
+    out = smoke_pair
     assert ttp.verify_sha256sums(out) == []
     report = json.loads((out / "train_report.json").read_text())
     assert report["smoke"] and report["target"]["steps"] > 0 and report["drafter"]["steps"] > 0
+    _check_engine_like_report(report["drafter"])
+    assert report["drafter_data"]["real_text"]["windows"] > 0
 
     import torch
     from safetensors.torch import load_file
@@ -143,3 +163,25 @@ def test_smoke_training_produces_loadable_checkpoints(tmp_path):
     assert tuple(d_state["fc.weight"].shape) == (d["hidden_size"], d["target_hidden_size"] * n_aux)
     drafter = ttp.build_drafter_class()(ttp.drafter_cfg(tcfg, d["num_hidden_layers"], n_aux))
     drafter.load_state_dict(d_state, strict=True)
+
+
+def test_smoke_drafter_only_keeps_the_target(smoke_pair, tmp_path):
+    """--drafter-only: the target is loaded, not trained; its files are copied byte-identical, the
+    checksums and report are rewritten, the old report's target section is kept and marked."""
+    out = tmp_path / "pair"
+    _run_training("--smoke", "--drafter-only", "--target", str(smoke_pair / "target"), "--out",
+                  str(out), "--real-frac", "1.0", "--gen-prompts", "0")
+    assert ttp.verify_sha256sums(out) == []
+    for f in (smoke_pair / "target").iterdir():
+        assert (out / "target" / f.name).read_bytes() == f.read_bytes(), f.name
+    old = json.loads((smoke_pair / "train_report.json").read_text())
+    report = json.loads((out / "train_report.json").read_text())
+    assert report["drafter_only"] and "not retrained" in report["target"]["note"]
+    assert report["target"]["trained"]["steps"] == old["target"]["steps"]
+    # the loaded target scores the held-out windows as the training run did
+    assert report["target"]["recheck_here"]["heldout_nll"] == pytest.approx(
+        old["target"]["heldout_nll"], abs=0.02)
+    assert report["drafter_data"]["greedy"] is None
+    assert report["drafter_data"]["rows_per_step"] == {"real_text": 2, "greedy": 0}
+    _check_engine_like_report(report["drafter"])
+    assert (out / "drafter" / "model.safetensors").is_file()
