@@ -27,6 +27,10 @@ if [ "${1:-}" = "stage" ]; then
     --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux_2_27_x86_64 --platform manylinux_2_28_x86_64 --platform any \
     transformers==5.23.0 tokenizers==0.23.3 safetensors==0.8.0
+  # The stage rides beside the checkout (which carries the ~22 MB pair) under the device tool's
+  # 64 MiB per call: leave out numpy (15 MB; the GPU image's torch brings it) and anything stale.
+  rm -f "$dir"/wheels/numpy-* "$dir"/wheels/fla_core-* "$dir"/wheels/flash_linear_attention-* \
+    "$dir"/wheels/einops-*
   stdlib=$("$py" -c 'import sysconfig; print(sysconfig.get_paths()["stdlib"])')
   (cd "$stdlib" && PYTHONPATH="$here" "$py" -c '
 import sys; from pathlib import Path; import train_tiny_pair as t
