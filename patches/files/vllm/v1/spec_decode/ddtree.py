@@ -796,6 +796,13 @@ class DDTreeRunnerState:
         logprobs_tensors = None
         if sampling_metadata.max_num_logprobs is not None:
             logprobs_tensors = self._committed_logprobs(logits, rows_d, walk, out, sampling_metadata)
+        self._finish_verify(step, walk, num_draft, t0)
+        return SamplerOutput(sampled_token_ids=out, logprobs_tensors=logprobs_tensors)
+
+    def _finish_verify(self, step: "TreeVerifyStep | None", walk, num_draft: list[int],
+                       t0: float) -> None:
+        """After the walk (both model runners): keep the walk for the drafter, commit the tree
+        requests' accepted paths and queue the statistics."""
         self.last_walk = walk
         self.walk_fresh = True
         self.last_num_draft = num_draft
@@ -811,7 +818,6 @@ class DDTreeRunnerState:
             self._flush_stats()
             self._pending_stats = (step.entries, self._walk_host)
         _set_current(None)
-        return SamplerOutput(sampled_token_ids=out, logprobs_tensors=logprobs_tensors)
 
     def _flush_stats(self) -> None:
         """Count the tree statistics of the latest verify once its walk has reached the host."""

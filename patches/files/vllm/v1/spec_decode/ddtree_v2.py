@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from vllm.logger import init_logger
-from vllm.v1.spec_decode.ddtree import (DDTreeRunnerState, TreeEntry, TreeVerifyStep, _AsyncHostCopy, _set_current,
+from vllm.v1.spec_decode.ddtree import (DDTreeRunnerState, TreeEntry, TreeVerifyStep, _set_current,
                                         _test_draft_hook, current_tree_step, needs_vllm_sampler)
 from vllm.v1.worker.gpu.spec_decode.dflash.speculator import DFlashSpeculator
 
@@ -359,20 +359,7 @@ class DDTreeV2RunnerState(DDTreeRunnerState):
                 walk.accepted_nodes, walk.num_accepted)
             src = processed if sampler.logprobs_mode in ("processed_logprobs", "processed_logits") else logits
             logprobs = rs._get_logprobs_tensors(input_batch, out, num_sampled, src[lay])
-        self.last_walk = walk
-        self.walk_fresh = True
-        self.last_num_draft = num_draft.tolist()
-        # as in V1: the walk reaches the host in one non-blocking copy, the statistics wait for it
-        self._walk_host = _AsyncHostCopy(
-            torch.cat([walk.num_accepted[:, None], walk.accepted_nodes], 1))
-        t1 = time.perf_counter()
-        if step is not None:
-            self._commit(step, walk)
-        self._stats.record_times(t1 - t0, time.perf_counter() - t1)
-        if step is not None:
-            self._flush_stats()
-            self._pending_stats = (step.entries, self._walk_host)
-        _set_current(None)
+        self._finish_verify(step, walk, num_draft.tolist(), t0)
         return V2SamplerOutput(sampled_token_ids=out, logprobs_tensors=logprobs, num_nans=None,
                                num_sampled=num_sampled, num_rejected=num_rejected)
 
