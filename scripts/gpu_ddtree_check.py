@@ -136,6 +136,52 @@ def _counters(llm) -> dict[str, float]:
     return out
 
 
+# ----------------------------------------------------------------------------- child processes
+# (shared by gpu_ddtree_v2_check.py and gpu_ddtree_profile.py)
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """Environment of a mode's engine process: this checkout importable, unbuffered output."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
+               PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+def oracle_env(out: Path, prompts: list[list[int]], ref_outputs: list[dict]) -> dict[str, str]:
+    """Writes the reference continuations for tests/support/oracle_drafter.py (true token ranked
+    second at every depth) and returns the variables that load it in the engine process."""
+    oracle = out / "oracle.json"
+    oracle.write_text(json.dumps([{"prompt": p, "completion": o["tokens"]}
+                                  for p, o in zip(prompts, ref_outputs)]))
+    return {"DDTREE_TEST_DRAFT_HOOK": ORACLE_HOOK, "DDTREE_ORACLE_MODE": "top2",
+            "DDTREE_ORACLE_FILE": str(oracle)}
+
+
+def run_mode_process(script: str, out: Path, mode: str, cfg: dict, env: dict[str, str], log: Path,
+              timeout: float | None = None) -> tuple[dict | None, str]:
+    """Runs ``script OUT --child CFG`` (one engine in a fresh process: several engines in one
+    process trip over vLLM's kernel registration). Its stderr and stdout (vLLM logs to stdout) go
+    to ``log``. Returns (the child's RESULT dict or None, exit status text)."""
+    cfg_file = out / f"cfg-{mode}.json"
+    cfg_file.write_text(json.dumps(cfg))
+    with open(log, "w") as f:
+        try:
+            p = subprocess.run([sys.executable, script, str(out), "--child", str(cfg_file)],
+                               stdout=subprocess.PIPE, stderr=f, text=True, env=env, cwd=REPO,
+                               timeout=timeout)
+            stdout, status = p.stdout, str(p.returncode)
+        except subprocess.TimeoutExpired as exc:
+            stdout = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+            status = f"timeout {timeout:.0f} s"
+    cfg_file.unlink()
+    with open(log, "a") as f:
+        f.write("\n--- stdout ---\n" + "\n".join(
+            ln for ln in stdout.splitlines() if not ln.startswith("RESULT ")))
+    line = next((ln for ln in stdout.splitlines() if ln.startswith("RESULT ")), None)
+    return (json.loads(line[len("RESULT "):]) if line is not None else None), status
+
+
 # ----------------------------------------------------------------------------- driver
 
 
@@ -172,36 +218,20 @@ def main() -> int:
         cfg = dict(configs[mode], model=str(args.models / "target"), prompts=prompts,
                    max_tokens=eq_tokens, logprobs=(mode == "target"), speed_prompts=speed_prompts,
                    speed_tokens=speed_tokens)
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-            [str(REPO), os.environ.get("PYTHONPATH", "")]), PYTHONUNBUFFERED="1")
-        if cfg.pop("oracle", False):
-            oracle = args.out / "oracle.json"
-            oracle.write_text(json.dumps([{"prompt": p, "completion": o["tokens"]}
-                                          for p, o in zip(prompts, ref["outputs"])]))
-            env.update(DDTREE_TEST_DRAFT_HOOK=ORACLE_HOOK, DDTREE_ORACLE_MODE="top2",
-                       DDTREE_ORACLE_FILE=str(oracle))
-        cfg_file = args.out / f"cfg-{mode}.json"
-        cfg_file.write_text(json.dumps(cfg))
+        env = child_env(**(oracle_env(args.out, prompts, ref["outputs"]) if cfg.pop("oracle", False)
+                           else {}))
         t0 = time.monotonic()
         log = args.out / f"{mode}.log"
-        with open(log, "w") as f:
-            p = subprocess.run([sys.executable, __file__, str(args.out), "--child", str(cfg_file)],
-                               stdout=subprocess.PIPE, stderr=f, text=True, env=env, cwd=REPO)
-        cfg_file.unlink()
-        with open(log, "a") as f:  # vLLM logs to stdout: keep it beside stderr
-            f.write("\n--- stdout ---\n" + "\n".join(
-                ln for ln in p.stdout.splitlines() if not ln.startswith("RESULT ")))
-        line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        res, status = run_mode_process(__file__, args.out, mode, cfg, env, log)
         rec: dict = {"wall_s": round(time.monotonic() - t0, 1)}
-        if line is None:
-            rec["error"] = f"exit {p.returncode}; see {log.name}"
+        if res is None:
+            rec["error"] = f"exit {status}; see {log.name}"
             tail = log.read_text(errors="replace").splitlines()[-25:]
             print(f"[{mode}] FAILED\n" + "\n".join(tail), flush=True)
             report["modes"][mode] = rec
             if mode == "target":
                 break
             continue
-        res = json.loads(line[len("RESULT "):])
         rec.update({k: v for k, v in res.items() if k != "outputs"})
         if mode == "target":
             ref = res

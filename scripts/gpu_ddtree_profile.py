@@ -30,7 +30,6 @@ import gzip
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,7 +38,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from gpu_ddtree_check import _tree_stats, mode_configs, prompts_for  # noqa: E402
+from gpu_ddtree_check import (_tree_stats, child_env, mode_configs, prompts_for,  # noqa: E402
+                              run_mode_process)
 
 MAX_TRACE_BYTES = 15 * 1024 * 1024
 SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::item", "cudaStreamSynchronize",
@@ -257,37 +257,20 @@ def main() -> int:
                "warmup_tokens": 8 if args.quick else 24}
         if mode in args.trace_modes.split(","):
             cfg["trace"] = str(args.out / f"trace-{mode}.json.gz")
-        cfg_file = args.out / f"cfg-{mode}.json"
-        cfg_file.write_text(json.dumps(cfg))
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-            [str(REPO), os.environ.get("PYTHONPATH", "")]), PYTHONUNBUFFERED="1")
         log = args.out / f"profile-{mode}.log"
         t0 = time.monotonic()
         remaining = run_start + budget_s - time.time()
         if remaining < 10:
             report["modes"][mode] = {"error": "skipped: budget spent"}
-            cfg_file.unlink()
             continue
-        with open(log, "w") as f:
-            try:
-                p = subprocess.run([sys.executable, __file__, str(args.out), "--child", str(cfg_file)],
-                                   stdout=subprocess.PIPE, stderr=f, text=True, env=env, cwd=REPO,
-                                   timeout=remaining)
-            except subprocess.TimeoutExpired as exc:
-                out = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else exc.stdout
-                p = subprocess.CompletedProcess(exc.cmd, -9, out or "", None)
-        cfg_file.unlink()
-        with open(log, "a") as f:
-            f.write("\n--- stdout ---\n" + "\n".join(
-                ln for ln in p.stdout.splitlines() if not ln.startswith("RESULT ")))
-        line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        res, status = run_mode_process(__file__, args.out, mode, cfg, child_env(), log, remaining)
         rec: dict = {"wall_s": round(time.monotonic() - t0, 1)}
-        if line is None:
-            rec["error"] = f"exit {p.returncode}; see {log.name}"
+        if res is None:
+            rec["error"] = f"exit {status}; see {log.name}"
             print(f"[{mode}] FAILED\n" + "\n".join(log.read_text(errors="replace").splitlines()[-25:]),
                   flush=True)
         else:
-            rec.update(json.loads(line[len("RESULT "):]))
+            rec.update(res)
             report["device"] = rec.get("device")
         report["modes"][mode] = rec
         (args.out / "ddtree_profile.json").write_text(json.dumps(report, indent=2))

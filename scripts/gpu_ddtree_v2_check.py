@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,7 +42,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from gpu_ddtree_check import ORACLE_HOOK, _counters, _tree_stats, prompts_for  # noqa: E402
+from gpu_ddtree_check import (_counters, _tree_stats, child_env, oracle_env,  # noqa: E402
+                              prompts_for, run_mode_process)
 
 FALLBACK_LOG = "tree verify is not available here"
 ALL_MODES = "target,dflash,ddtree,ddtree-oracle,ddtree-logprobs,ddtree-fallback,ddtree-graphs"
@@ -224,41 +224,20 @@ def main() -> int:
         cfg = {"spec": base["spec"], "graphs": base.get("graphs", False),
                "logprobs": base.get("logprobs", False), "model": str(args.models / "target"),
                "prompts": prompts, "max_tokens": eq_tokens}
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-            [str(REPO), os.environ.get("PYTHONPATH", "")]), PYTHONUNBUFFERED="1",
-            VLLM_USE_V2_MODEL_RUNNER="1")
-        env["DDTREE_V2_TREE"] = "1"  # V2 tree verify is opt-in (config/ddtree.py) until this passes
-        env.update(base.get("env", {}))
+        # V2 tree verify is opt-in (config/ddtree.py) until this check passes
+        env = child_env(VLLM_USE_V2_MODEL_RUNNER="1", DDTREE_V2_TREE="1")
+        env.update(base.get("env", {}))  # the fallback mode turns the tree path off again
         if base.get("oracle"):
-            oracle = args.out / "oracle.json"
-            oracle.write_text(json.dumps([{"prompt": p, "completion": o["tokens"]}
-                                          for p, o in zip(prompts, ref["outputs"])]))
-            env.update(DDTREE_TEST_DRAFT_HOOK=ORACLE_HOOK, DDTREE_ORACLE_MODE="top2",
-                       DDTREE_ORACLE_FILE=str(oracle))
-        cfg_file = args.out / f"cfg-{mode}.json"
-        cfg_file.write_text(json.dumps(cfg))
+            env.update(oracle_env(args.out, prompts, ref["outputs"]))
         t0 = time.monotonic()
         log = args.out / f"v2-{mode}.log"
         timeout = max(30.0, args.budget_s + 60.0 - (time.monotonic() - t_start))
-        with open(log, "w") as f:
-            try:
-                p = subprocess.run([sys.executable, __file__, str(args.out), "--child", str(cfg_file)],
-                                   stdout=subprocess.PIPE, stderr=f, text=True, env=env, cwd=REPO,
-                                   timeout=timeout)
-                stdout, rc = p.stdout, p.returncode
-            except subprocess.TimeoutExpired as exc:
-                stdout = exc.stdout.decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-                rc = f"timeout {timeout:.0f} s"
-        cfg_file.unlink()
-        with open(log, "a") as f:  # vLLM logs to stdout: keep it beside stderr
-            f.write("\n--- stdout ---\n" + "\n".join(
-                ln for ln in stdout.splitlines() if not ln.startswith("RESULT ")))
+        res, status = run_mode_process(__file__, args.out, mode, cfg, env, log, timeout)
         wall = time.monotonic() - t0
         slowest = max(slowest, wall)
-        line = next((ln for ln in stdout.splitlines() if ln.startswith("RESULT ")), None)
         rec: dict = {"wall_s": round(wall, 1)}
-        if line is None:
-            rec["error"] = f"exit {rc}; see {log.name}"
+        if res is None:
+            rec["error"] = f"exit {status}; see {log.name}"
             tail = log.read_text(errors="replace").splitlines()[-30:]
             print(f"[{mode}] FAILED\n" + "\n".join(tail), flush=True)
             report["modes"][mode] = rec
@@ -266,7 +245,6 @@ def main() -> int:
             if mode == "target":
                 break
             continue
-        res = json.loads(line[len("RESULT "):])
         rec.update({k: v for k, v in res.items() if k != "outputs"})
         checks = mode_checks(mode, base, res, log.read_text(errors="replace"))
         if mode == "target":
