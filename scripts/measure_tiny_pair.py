@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -73,16 +72,6 @@ def run_pair(models: Path, prompts, max_tokens: int, log_dir: Path):
                               "total_s": round(time.monotonic() - t0, 1)}
 
 
-def cpu_device_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> int:
     from tests.support.equality import compare_greedy
 
@@ -101,7 +90,7 @@ def main() -> int:
     verdicts = [compare_greedy(r, t2, o) for (r, t2), (o, _) in zip(ref, outs)]
     train = json.loads((args.models / "train_report.json").read_text())
     result = {
-        "device": f"cpu: {cpu_device_name()}",
+        "device": f"cpu: {ttp.cpu_model_name()}",
         "what": "flat DFlash (num_speculative_tokens 15, greedy) on the trained tiny pair, vLLM 0.26 CPU",
         "prompts": len(prompts),
         "prompt_tokens": [len(p) for p in prompts],
