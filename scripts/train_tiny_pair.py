@@ -37,7 +37,6 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import platform
 import sys
 import sysconfig
