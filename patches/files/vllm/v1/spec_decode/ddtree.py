@@ -470,25 +470,9 @@ class DDTreeProposer(DFlashProposer):
                            top_k=self.ddtree_top_k, draft_logits=logits,
                            chain_seed=self.ddtree_chain_seed, row_budget=row_budget,
                            row_top_k=row_top_k)
-        flat_rows = self._vllm_sampler_rows(batch)
-        if flat_rows:
-            # Penalties, bad words, logit bias, min_tokens, ... depend on each position's history,
-            # which vLLM's sampler knows for a chain but not for tree nodes: these requests verify
-            # nothing (root-only trees) and their next token comes from vLLM's own sampler.
-            rows = torch.tensor(flat_rows, device=trees.token_ids.device)
-            trees.num_nodes[rows] = 1
-            trees.valid[rows, 1:] = False
-            trees.parents[rows, 1:] = -1
-            trees.token_ids[rows, 1:] = -1
-        chain_rows = [i for i in self._structured_output_rows(batch) if i not in flat_rows]
-        if chain_rows:
-            # Grammar-constrained requests verify a chain: vLLM validates drafts and builds
-            # bitmasks as a token sequence, which is only right for a path.
-            chains = build_tree(root_token_ids=next_token_ids.long(), budget=num_speculative_tokens,
-                                top_k=1, draft_logits=logits, chain_seed=True, row_budget=row_budget)
-            rows = torch.tensor(chain_rows, device=trees.token_ids.device)
-            for f in ("token_ids", "parents", "depths", "ranks", "scores", "num_nodes", "valid"):
-                getattr(trees, f)[rows] = getattr(chains, f)[rows]
+        restrict_trees(trees, next_token_ids.long(), logits, num_speculative_tokens,
+                       self._vllm_sampler_rows(batch), self._structured_output_rows(batch),
+                       row_budget=row_budget)
         self.last_trees = trees
         self.last_build_s = time.perf_counter() - t0
         state = getattr(self._ddtree_runner, "_ddtree", None)
@@ -561,6 +545,33 @@ class DDTreeProposer(DFlashProposer):
         if state is not None:
             state.walk_fresh = False
         return out
+
+
+def restrict_trees(trees, roots: torch.Tensor, logits: torch.Tensor, budget: int,
+                   flat_rows: list[int], chain_rows: list[int],
+                   row_budget: list[int] | None = None) -> None:
+    """The tree policy for requests the tree verify cannot serve as trees (both model runners).
+
+    ``flat_rows``: penalties, bad words, logit bias, min_tokens, ... depend on each position's
+    history, which vLLM's sampler knows for a chain but not for tree nodes: these requests verify
+    nothing (root-only trees) and their next token comes from vLLM's own sampler.
+    ``chain_rows``: grammar-constrained requests verify the top-1 chain: vLLM validates drafts and
+    builds bitmasks as a token sequence, which is only right for a path."""
+    from ddtree.tree import build_tree
+
+    if flat_rows:
+        rows = torch.tensor(flat_rows, device=trees.token_ids.device)
+        trees.num_nodes[rows] = 1
+        trees.valid[rows, 1:] = False
+        trees.parents[rows, 1:] = -1
+        trees.token_ids[rows, 1:] = -1
+    chain_rows = [i for i in chain_rows if i not in flat_rows]
+    if chain_rows:
+        chains = build_tree(root_token_ids=roots, budget=budget, top_k=1, draft_logits=logits,
+                            chain_seed=True, row_budget=row_budget)
+        rows = torch.tensor(chain_rows, device=trees.token_ids.device)
+        for f in ("token_ids", "parents", "depths", "ranks", "scores", "num_nodes", "valid"):
+            getattr(trees, f)[rows] = getattr(chains, f)[rows]
 
 
 def needs_vllm_sampler(params) -> bool:

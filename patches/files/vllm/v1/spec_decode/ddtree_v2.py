@@ -27,7 +27,8 @@ import torch
 
 from vllm.logger import init_logger
 from vllm.v1.spec_decode.ddtree import (DDTreeRunnerState, TreeEntry, TreeVerifyStep, _set_current,
-                                        _test_draft_hook, current_tree_step, needs_vllm_sampler)
+                                        _test_draft_hook, current_tree_step, needs_vllm_sampler,
+                                        restrict_trees)
 from vllm.v1.worker.gpu.spec_decode.dflash.speculator import DFlashSpeculator
 
 logger = init_logger(__name__)
@@ -129,29 +130,6 @@ class DDTreeSpeculator(DFlashSpeculator):
         tokens = trees.token_ids[:, 1:]
         # padding slots must still be valid token ids for the embedding; they are never accepted
         return torch.where(tokens >= 0, tokens, roots[:, None].expand_as(tokens)).to(torch.int64)
-
-
-def restrict_trees(trees, roots: torch.Tensor, logits: torch.Tensor, budget: int,
-                   flat_rows: list[int], chain_rows: list[int]) -> None:
-    """Requests whose sampling needs vLLM's history-aware logits processing (penalties, bad words,
-    logit bias, min_tokens, ...) verify nothing (root-only trees: their token comes from vLLM's
-    sampler at the root row); grammar-constrained requests verify the top-1 chain (vLLM validates
-    drafts and builds bitmasks as a sequence). Same policy as the V1 ``DDTreeProposer``."""
-    from ddtree.tree import build_tree
-
-    if flat_rows:
-        rows = torch.tensor(flat_rows, device=trees.token_ids.device)
-        trees.num_nodes[rows] = 1
-        trees.valid[rows, 1:] = False
-        trees.parents[rows, 1:] = -1
-        trees.token_ids[rows, 1:] = -1
-    chain_rows = [i for i in chain_rows if i not in flat_rows]
-    if chain_rows:
-        chains = build_tree(root_token_ids=roots, budget=budget, top_k=1, draft_logits=logits,
-                            chain_seed=True)
-        rows = torch.tensor(chain_rows, device=trees.token_ids.device)
-        for f in ("token_ids", "parents", "depths", "ranks", "scores", "num_nodes", "valid"):
-            getattr(trees, f)[rows] = getattr(chains, f)[rows]
 
 
 # ----------------------------------------------------------------------------- runner state
