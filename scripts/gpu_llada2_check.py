@@ -213,8 +213,10 @@ def main() -> int:
     ap.add_argument("--eager", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--skip-bench", action="store_true")
     ap.add_argument("--skip-bf16", action="store_true", help="no bfloat16 equality part")
+    ap.add_argument("--skip-equality", action="store_true",
+                    help="no equality parts (env + bench only: a second device call)")
     ap.add_argument("--budget", type=float, default=None,
-                    help="seconds for everything (default 420 on cuda, 2400 on cpu); parts that "
+                    help="seconds for everything (default 560 on cuda, 2400 on cpu); parts that "
                          "would run past it are cut and reported")
     args = ap.parse_args()
     if args.device is None:
@@ -227,6 +229,12 @@ def main() -> int:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     if args.device == "cpu":
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    else:
+        # vLLM's FlashInfer top-k/top-p sampler is compiled by FlashInfer's JIT (nvcc) on first
+        # use: minutes on a fresh host, silent in the log. The session-4 H100 run timed out in
+        # that silence in all three parts. The block decode samples in its own code
+        # (llada2_block.py), so the torch sampler changes nothing measured here.
+        os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
 
     if args.part:
         fn = {"env": part_env, "equality": part_equality}[args.part]
@@ -240,20 +248,23 @@ def main() -> int:
     if args.quick:
         me.append("--quick")
     cpu = args.device == "cpu"
-    deadline = t0 + (args.budget or (2400 if cpu else 420))
+    deadline = t0 + (args.budget or (2400 if cpu else 560))
     summary: dict = {"device": _device_name(args.device), "quick": args.quick, "parts": {}}
     parts = summary["parts"]
     parts["env"] = _run_part("env", me + ["--part", "env"], out, 90, deadline)
     # float32 eager: the strict check (no graphs; vLLM picks a float32-capable backend). Triton
     # would run float32 dots in TF32 by default: IEEE keeps the engine at float32 round-off.
-    parts["equality_float32"] = _run_part(
-        "equality_float32", me + ["--part", "equality", "--dtype", "float32", "--eager"], out,
-        600 if cpu else 110, deadline, env={"TRITON_F32_DEFAULT": "ieee"})
+    if args.skip_equality:
+        args.skip_bf16 = True
+    else:
+        parts["equality_float32"] = _run_part(
+            "equality_float32", me + ["--part", "equality", "--dtype", "float32", "--eager"], out,
+            600 if cpu else 240, deadline, env={"TRITON_F32_DEFAULT": "ieee"})
     # bf16 with vLLM's compile + CUDA graphs (eager on CPU, where vLLM has no graphs anyway).
     if not args.skip_bf16:
         parts["equality_bfloat16"] = _run_part(
             "equality_bfloat16", me + ["--part", "equality", "--dtype", "bfloat16"]
-            + (["--eager"] if cpu else []), out, 600 if cpu else 150, deadline)
+            + (["--eager"] if cpu else []), out, 600 if cpu else 240, deadline)
     if not args.skip_bench:
         bench = [sys.executable, str(REPO / "benchmarks" / "bench_llada2.py"), "--mini-shaped",
                  "--out", str(out / "bench_mini.json")]
@@ -269,7 +280,7 @@ def main() -> int:
             # every step of this run is <= 32 requests x 32 tokens: capture just these sizes
             bench += ["--cudagraph-capture-sizes", "1", "2", "4", "8", "16", "32", "64", "128",
                       "256", "512", "1024"]
-        parts["bench"] = _run_part("bench_mini", bench, out, 900 if cpu else 300, deadline)
+        parts["bench"] = _run_part("bench_mini", bench, out, 900 if cpu else 420, deadline)
     summary["total_s"] = round(time.time() - t0, 1)
 
     lines = [f"# LLaDA2 block decode check on {summary['device']}", "",
