@@ -1,0 +1,355 @@
+"""The FlashInfer tree-verify path (ddtree.attention.flashinfer_tree).
+
+CPU: the plan arrays and the packed mask against the per-request reference
+(``flashinfer_tree_naive``) on random trees and shuffled block tables; the mask unpacked against
+the ancestor + window visibility of ``tree_sdpa.tree_attention``; ``run`` end to end through a
+stand-in for FlashInfer's wrapper that computes what FlashInfer 0.6.14's kernel computes from the
+same inputs (including its bit-offset ``mask_indptr`` from ``plan(packed_custom_mask=...)``).
+GPU (marker ``gpu``, skipped without CUDA + flashinfer): the real kernel against ``tree_attention``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ddtree.attention.flashinfer_tree import (FlashInferTreeAttention, flashinfer_available,
+                                              flashinfer_window_left, paged_kv_views,
+                                              plan_flashinfer_tree, tree_attention_mode)
+from ddtree.attention.flashinfer_tree_naive import (emulated_paged_prefill, naive_tree_plan,
+                                                    naive_visibility, unpack_tree_mask)
+from ddtree.attention.tree_sdpa import tree_attention
+from ddtree.tree.flatten import flashinfer_custom_mask
+
+
+def _random_tree(n, g, chain_bias=0.5):
+    parents = [-1]
+    for i in range(1, n):
+        if float(torch.rand(1, generator=g)) < chain_bias:
+            parents.append(i - 1)  # deep paths, so windows cut inside the tree too
+        else:
+            parents.append(int(torch.randint(0, i, (1,), generator=g)))
+    vis = torch.zeros(n, n, dtype=torch.bool)
+    depth = torch.zeros(n, dtype=torch.long)
+    for i in range(n):
+        vis[i, i] = True
+        if parents[i] >= 0:
+            vis[i, :i] |= vis[parents[i], :i]
+            depth[i] = depth[parents[i]] + 1
+    return vis, depth
+
+
+def _case(seed, prefixes, qlens, bs, contiguous=True, kvh=2, heads=4, D=16, order="NHD",
+          dtype=torch.bfloat16, pad_nodes=0):
+    """Tree requests in a batch with other rows; shuffled blocks; cache in vLLM's logical layout
+    [blocks, kvh, bs, 2D] over NHD or HND memory."""
+    g = torch.Generator().manual_seed(seed)
+    E, Q = len(prefixes), max(qlens)
+    max_blocks = max(-(-(p + q) // bs) for p, q in zip(prefixes, qlens)) + 2
+    R = 2 * E + 1
+    nblocks = R * max_blocks + 3
+    perm = torch.randperm(nblocks, generator=g)
+    table = perm[: R * max_blocks].view(R, max_blocks).int().contiguous()
+    rows = torch.randperm(R, generator=g)[:E]
+    vis = torch.zeros(E, Q, Q, dtype=torch.bool)
+    depths = torch.zeros(E, Q, dtype=torch.long)
+    for e, q in enumerate(qlens):
+        real = max(1, q - pad_nodes)
+        v, d = _random_tree(real, g)
+        vis[e, :real, :real], depths[e, :real] = v, d
+        for i in range(real, q):  # padding nodes: only themselves, depth 0 (as the glue has them)
+            vis[e, i, i] = True
+    starts, pos = [], 2
+    for q in qlens:
+        starts.append(pos)
+        pos += q + (0 if contiguous else 3)
+    T = pos + 2
+    if order == "NHD":
+        cache = torch.randn(nblocks, bs, kvh, 2 * D, generator=g).to(dtype).transpose(1, 2)
+    else:
+        cache = torch.randn(nblocks, kvh, bs, 2 * D, generator=g).to(dtype)
+    query = torch.randn(T, heads, D, generator=g).to(dtype)
+    return dict(table=table, rows=rows, starts=torch.tensor(starts), prefixes=torch.tensor(prefixes),
+                qlens=torch.tensor(qlens), vis=vis, depths=depths, cache=cache, query=query, bs=bs,
+                D=D)
+
+
+def _plan_args(c):
+    return (c["table"], c["bs"], c["rows"], c["starts"], c["prefixes"], c["qlens"], c["vis"],
+            c["depths"])
+
+
+CASES = [
+    # prefixes, q_lens, block size, contiguous rows
+    ([0, 13, 40, 5], [5, 9, 17, 1], 16, True),
+    ([31, 0, 64, 100, 7], [17, 17, 3, 17, 17], 32, False),
+    ([3, 70], [8, 12], 5, True),  # odd block size: pages end mid-row
+    ([0], [1], 16, True),  # a lone root with no past
+]
+
+
+@pytest.mark.parametrize("window", [None, 1, 3, 20])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_plan_arrays_match_per_request_construction(case, window):
+    prefixes, qlens, bs, contiguous = CASES[case]
+    c = _case(case, prefixes, qlens, bs, contiguous, pad_nodes=case % 2)
+    plan = plan_flashinfer_tree(*_plan_args(c))
+    ref = naive_tree_plan(*_plan_args(c), window=window)
+    assert plan.qo_indptr.dtype == plan.kv_indptr.dtype == torch.int32
+    assert plan.qo_indptr.tolist() == ref["qo_indptr"]
+    assert plan.kv_indptr.tolist() == ref["kv_indptr"]
+    assert plan.kv_indices.tolist() == ref["kv_indices"]
+    assert plan.kv_last_page_len.tolist() == ref["kv_last_page_len"]
+    assert plan.block_slots.tolist() == ref["block_slots"]
+    if contiguous:
+        assert plan.rows is None and plan.row_range == (ref["rows"][0], ref["rows"][-1] + 1)
+    else:
+        assert plan.row_range is None and plan.rows.tolist() == ref["rows"]
+    mask = plan.mask(window)
+    assert mask.byte_indptr.tolist() == mask.byte_indptr_host == ref["byte_indptr"]
+    assert mask.packed.dtype == torch.uint8
+    np.testing.assert_array_equal(mask.packed.numpy(), ref["packed"])
+    assert plan.mask(window) is mask  # built once per step and window
+
+
+@pytest.mark.parametrize("window", [None, 2, 6])
+def test_packed_mask_unpacks_to_ancestor_window_visibility(window):
+    """Independent of the naive builder: unpack, then compare with the visibility that
+    tree_sdpa.tree_attention applies (prefix + ancestors, positions prefix + depth, window)."""
+    from ddtree.attention.tree_sdpa import _abs_key_positions
+
+    c = _case(7, [0, 9, 33], [12, 7, 16], 16)
+    plan = plan_flashinfer_tree(*_plan_args(c))
+    mask = plan.mask(window)
+    masks = unpack_tree_mask(mask.packed, mask.byte_indptr_host, plan.q_lens, plan.kv_lens)
+    for e, (p, q) in enumerate(zip(plan.prefix_lens, plan.q_lens)):
+        vis = c["vis"][e, :q, :q]
+        expect = torch.ones(q, p + q, dtype=torch.bool)
+        expect[:, p:] = vis
+        if window is not None:
+            key_pos = _abs_key_positions(vis, p)
+            expect &= (key_pos[p:, None] - key_pos[None, :]) < window
+        np.testing.assert_array_equal(masks[e], expect.numpy())
+        np.testing.assert_array_equal(masks[e], naive_visibility(c["vis"][e], c["depths"][e], p, q,
+                                                                 window))
+    if window is None:  # the same layout as ddtree.tree.flashinfer_custom_mask (full blocks)
+        c2 = _case(8, [4, 0, 21], [9, 9, 9], 16)
+        plan2 = plan_flashinfer_tree(*_plan_args(c2))
+        ref = flashinfer_custom_mask(c2["vis"], c2["prefixes"].tolist())
+        assert torch.equal(plan2.mask(None).packed, ref.packed)
+        assert plan2.mask(None).byte_indptr.tolist() == ref.packed_indptr.tolist()
+
+
+def test_window_left_is_a_superset_and_the_plain_one_is_not():
+    """FlashInfer's own window (flattened order) never hides a key the tree mask shows with the
+    widened window_left; with the plain window - 1 it would (so the widening is needed)."""
+    c = _case(11, [40, 25, 60], [17, 17, 17], 16)
+    window = 5
+    wl = flashinfer_window_left(window, 17)
+    plain_cuts = 0
+    for e, (p, q) in enumerate(zip(c["prefixes"].tolist(), c["qlens"].tolist())):
+        ours = naive_visibility(c["vis"][e], c["depths"][e], p, q, window)
+        kv = p + q
+        i, j = np.meshgrid(np.arange(q), np.arange(kv), indexing="ij")
+        assert not (ours & ~(j + q + wl >= kv + i)).any()
+        plain_cuts += int((ours & ~(j + q + window - 1 >= kv + i)).sum())
+    assert plain_cuts > 0
+    assert flashinfer_window_left(None, 17) == -1
+    with pytest.raises(ValueError, match="window"):
+        flashinfer_window_left(0, 17)
+
+
+# ----------------------------------------------------------------------------- run (emulated)
+
+
+class _EmulatedWrapper:
+    """FlashInfer 0.6.14's BatchPrefillWithPagedKVCacheWrapper as far as the tree path uses it:
+    plan() keeps the inputs and, like 0.6.14 for ``packed_custom_mask``, sets the mask offsets in
+    bits; run() computes what the kernel computes from them (byte offsets into the mask)."""
+
+    instances: list = []
+
+    def __init__(self, workspace, kv_layout):
+        assert kv_layout in ("NHD", "HND")
+        self._kv_layout = kv_layout
+        self.plans = 0
+        _EmulatedWrapper.instances.append(self)
+
+    def plan(self, qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len,
+             num_qo_heads, num_kv_heads, head_dim_qk, page_size, *, packed_custom_mask, causal,
+             sm_scale, window_left, q_data_type, kv_data_type):
+        assert qo_indptr.device.type == "cpu" and paged_kv_indptr.device.type == "cpu"
+        assert not causal and packed_custom_mask.dtype == torch.uint8
+        self.args = dict(qo=qo_indptr, kvp=paged_kv_indptr, idx=paged_kv_indices,
+                         last=paged_kv_last_page_len, H=num_qo_heads, kvh=num_kv_heads,
+                         D=head_dim_qk, page=page_size, scale=sm_scale, wl=window_left,
+                         dtype=q_data_type)
+        q_len = qo_indptr[1:] - qo_indptr[:-1]
+        kv_len = (paged_kv_indptr[1:] - paged_kv_indptr[:-1] - 1) * page_size + paged_kv_last_page_len
+        self._mask_indptr_buf = torch.cat([torch.zeros(1, dtype=torch.int32),
+                                           torch.cumsum(q_len * kv_len, 0).int()])
+        self._custom_mask_buf = packed_custom_mask
+        self.plans += 1
+
+    def run(self, q, paged_kv_cache, out=None):
+        a = self.args
+        k, v = paged_kv_cache
+        assert q.dtype == a["dtype"] == k.dtype and q.shape[0] == int(a["qo"][-1])
+        assert q.shape[1] == a["H"] and q.shape[2] == a["D"] == k.shape[-1]
+        heads_dim, page_dim = (2, 1) if self._kv_layout == "NHD" else (1, 2)
+        assert k.shape[heads_dim] == a["kvh"] and k.shape[page_dim] == a["page"]
+        res = emulated_paged_prefill(q, k, v, self._kv_layout, a["qo"], a["kvp"], a["idx"],
+                                     a["last"], self._custom_mask_buf, self._mask_indptr_buf,
+                                     a["wl"], a["scale"]).to(q.dtype)
+        if out is not None:
+            assert out.shape == q.shape and out.is_contiguous()
+            out.copy_(res)
+            return out
+        return res
+
+
+def _reference_rows(c, plan, window, scale):
+    out = {}
+    for e, (p, q) in enumerate(zip(plan.prefix_lens, plan.q_lens)):
+        pos = torch.arange(p + q)
+        slots = c["table"][c["rows"][e]].long()[pos // c["bs"]] * c["bs"] + pos % c["bs"]
+        view = c["cache"].transpose(1, 2)  # [blocks, bs, kvh, 2D]
+        rows_kv = view[slots // c["bs"], slots % c["bs"]]  # [n, kvh, 2D]
+        k, v = rows_kv[..., :c["D"]].transpose(0, 1), rows_kv[..., c["D"]:].transpose(0, 1)
+        s = int(c["starts"][e])
+        out[e] = (s, tree_attention(c["query"][s:s + q], k, v, p, c["vis"][e, :q, :q], scale, window))
+    return out
+
+
+@pytest.mark.parametrize("order", ["NHD", "HND"])
+@pytest.mark.parametrize("window,contiguous,kvh", [(None, True, 2), (4, False, 2), (None, False, 1),
+                                                    (9, True, 1)])
+def test_run_matches_tree_attention_through_emulated_flashinfer(order, window, contiguous, kvh):
+    c = _case(21, [0, 19, 45], [9, 13, 6], 16, contiguous, kvh=kvh, order=order)
+    runner = FlashInferTreeAttention("cpu", workspace_bytes=16, wrapper_factory=_EmulatedWrapper)
+    plan = runner.plan(*_plan_args(c), group_key=("group", 0))
+    output = torch.full_like(c["query"], 7.0)
+    scale = c["D"] ** -0.5
+    plan.run(c["query"], c["cache"], output, scale, window)
+    written = torch.zeros(output.shape[0], dtype=torch.bool)
+    for e, (s, ref) in _reference_rows(c, plan, window, scale).items():
+        torch.testing.assert_close(output[s:s + ref.shape[0]], ref, atol=2e-2, rtol=2e-2)
+        written[s:s + ref.shape[0]] = True
+    assert (output[~written] == 7.0).all()  # other requests' rows untouched
+    # a second layer of the step reuses the planned wrapper; a new step plans it again
+    wrapper = _EmulatedWrapper.instances[-1]
+    plan.run(c["query"], c["cache"], output, scale, window)
+    assert wrapper.plans == 1
+    runner.plan(*_plan_args(c), group_key=("group", 0)).run(c["query"], c["cache"], output, scale,
+                                                            window)
+    assert wrapper.plans == 2 and _EmulatedWrapper.instances[-1] is wrapper
+
+
+def test_byte_offsets_matter():
+    """Without the byte mask offsets (FlashInfer 0.6.14's plan leaves bit offsets) every request
+    after the first reads another part of the mask: the test above would fail."""
+    c = _case(5, [10, 30], [9, 9], 16)
+    scale = c["D"] ** -0.5
+
+    class BitOffsets(_EmulatedWrapper):
+        def run(self, q, paged_kv_cache, out=None):
+            self._mask_indptr_buf = self._bits
+            return super().run(q, paged_kv_cache, out)
+
+        def plan(self, *args, **kw):
+            super().plan(*args, **kw)
+            self._bits = self._mask_indptr_buf
+
+    runner = FlashInferTreeAttention("cpu", workspace_bytes=16, wrapper_factory=BitOffsets)
+    plan = runner.plan(*_plan_args(c))
+    output = torch.zeros_like(c["query"])
+    try:
+        plan.run(c["query"], c["cache"], output, scale, None)
+    except IndexError:  # the emulator reads past the mask: the kernel would read stray memory
+        return
+    (s0, ref0), (s1, ref1) = _reference_rows(c, plan, None, scale).values()
+    torch.testing.assert_close(output[s0:s0 + 9], ref0, atol=2e-2, rtol=2e-2)
+    assert not torch.allclose(output[s1:s1 + 9].float(), ref1.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_paged_kv_views_layouts():
+    g = torch.Generator().manual_seed(0)
+    nhd = torch.randn(6, 16, 3, 8, generator=g)  # memory [blocks, bs, kvh, 2D]
+    layout, k, v = paged_kv_views(nhd.transpose(1, 2), 4)
+    assert layout == "NHD" and k.shape == (6, 16, 3, 4)
+    assert torch.equal(k, nhd[..., :4]) and torch.equal(v, nhd[..., 4:])
+    hnd = torch.randn(6, 3, 16, 8, generator=g)
+    layout, k, v = paged_kv_views(hnd, 4)
+    assert layout == "HND" and torch.equal(k, hnd[..., :4]) and torch.equal(v, hnd[..., 4:])
+    one = torch.randn(6, 16, 1, 8, generator=g).transpose(1, 2)  # one kv head, NHD memory
+    layout, k, v = paged_kv_views(one, 4)
+    assert torch.equal(k.reshape(6, 16, 4), one[..., :4].reshape(6, 16, 4))
+    with pytest.raises(ValueError, match="kv_cache"):
+        paged_kv_views(hnd, 5)
+
+
+def test_bad_inputs_raise_value_errors():
+    c = _case(1, [4, 8], [5, 5], 16)
+    args = list(_plan_args(c))
+    bad = list(args)
+    bad[5] = torch.tensor([5, 9])  # q_len past Q
+    with pytest.raises(ValueError, match="q_lens"):
+        plan_flashinfer_tree(*bad)
+    bad = list(args)
+    bad[0] = c["table"][:, :0]  # too few blocks per row
+    with pytest.raises(ValueError, match="block_table"):
+        plan_flashinfer_tree(*bad)
+    bad = list(args)
+    bad[6] = c["vis"][:, :4]
+    with pytest.raises(ValueError, match="visible"):
+        plan_flashinfer_tree(*bad)
+    runner = FlashInferTreeAttention("cpu", workspace_bytes=16, wrapper_factory=_EmulatedWrapper)
+    plan = runner.plan(*args)
+    with pytest.raises(ValueError, match="dtype"):
+        plan.run(c["query"].float(), c["cache"], c["query"].float(), 1.0)
+
+
+def test_mode_variable():
+    assert tree_attention_mode({}) == "portable"
+    assert tree_attention_mode({"DDTREE_TREE_ATTENTION": "FlashInfer"}) == "flashinfer"
+    with pytest.raises(ValueError, match="DDTREE_TREE_ATTENTION"):
+        tree_attention_mode({"DDTREE_TREE_ATTENTION": "fast"})
+
+
+def test_plan_and_mask_need_no_device_values():
+    """On the meta device any host read of device values raises: the plan and the mask are built
+    from host lengths only (no sync per step)."""
+    c = _case(3, [0, 13, 40], [5, 9, 17], 16, contiguous=False)
+    args = list(_plan_args(c))
+    args[0] = c["table"].to("meta")
+    plan = plan_flashinfer_tree(*args)
+    assert plan.kv_indices.device.type == "meta" and plan.rows.device.type == "meta"
+    mask = plan.mask(4)
+    assert mask.packed.device.type == "meta"
+    assert mask.packed.shape[0] == mask.byte_indptr_host[-1]
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available() or flashinfer_available() is not None,
+                    reason="needs CUDA and flashinfer")
+@pytest.mark.parametrize("D,bs", [(128, 16), (256, 32)])
+@pytest.mark.parametrize("window", [None, 24])
+def test_flashinfer_kernel_matches_tree_attention(D, bs, window):
+    c = _case(31, [0, 70, 300, 1000], [17, 33, 9, 33], bs, contiguous=False, kvh=2, heads=8, D=D)
+    dev = torch.device("cuda")
+    for key in ("table", "cache", "query"):
+        c[key] = c[key].to(dev)
+    runner = FlashInferTreeAttention(dev)
+    plan = runner.plan(*_plan_args(c), group_key="test")
+    output = torch.zeros_like(c["query"])
+    scale = D ** -0.5
+    plan.run(c["query"], c["cache"], output, scale, window)
+    torch.cuda.synchronize()
+    c_cpu = dict(c, table=c["table"].cpu(), cache=c["cache"].cpu(), query=c["query"].cpu())
+    for e, (s, ref) in _reference_rows(c_cpu, plan, window, scale).items():
+        got = output[s:s + ref.shape[0]].cpu().float()
+        assert (got - ref.float()).abs().max() < 2e-2
