@@ -27,6 +27,7 @@ on CPU tensors (tests). ``flashinfer_tree_naive`` holds the per-request referenc
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import os
@@ -337,13 +338,17 @@ class FlashInferTreeAttention:
     first use and re-planned once per step."""
 
     def __init__(self, device, workspace_bytes: int = 128 << 20,
-                 wrapper_factory: Callable[[Any, str], Any] | None = None):
+                 wrapper_factory: Callable[[Any, str], Any] | None = None, max_wrappers: int = 16):
         import torch
 
         self.device = torch.device(device)
         self.workspace = torch.empty(workspace_bytes, dtype=torch.uint8, device=self.device)
         self._factory = wrapper_factory or _default_wrapper_factory
-        self._wrappers: dict = {}  # (group key, config) -> [wrapper, serial of the plan it holds]
+        # (group key, config) -> [wrapper, serial of the plan it holds], least recently used first;
+        # bounded, so that group keys that are not stable across steps cannot pile up wrappers
+        # (each holds 16 MB of index workspace; one evicted is simply made again when needed)
+        self._wrappers: collections.OrderedDict = collections.OrderedDict()
+        self.max_wrappers = max_wrappers
         self._serial = itertools.count(1)
 
     def plan(self, block_table, block_size: int, req_rows, starts, prefix_lens, q_lens, visible,
@@ -393,7 +398,10 @@ class FlashInferTreeAttention:
         key = (plan.group_key, config)
         entry = self._wrappers.get(key)
         if entry is None:
+            while len(self._wrappers) >= self.max_wrappers:
+                self._wrappers.popitem(last=False)
             entry = self._wrappers[key] = [self._factory(self.workspace, config[0]), 0]
+        self._wrappers.move_to_end(key)
         wrapper, planned = entry
         if planned != plan.serial:
             layout, H, kvh, D, dtype, scale, window = config
