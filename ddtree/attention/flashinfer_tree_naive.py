@@ -123,3 +123,132 @@ def emulated_paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
                 w = torch.softmax((kh @ q[q0 + i, h].float()) * scale, dim=0)
                 out[q0 + i, h] = w @ vh
     return out
+
+
+class EmulatedPagedPrefillWrapper:
+    """FlashInfer 0.6.14's ``BatchPrefillWithPagedKVCacheWrapper`` as far as the tree path uses it,
+    on CPU: ``plan`` keeps its inputs and, like 0.6.14 given ``packed_custom_mask``, sets the mask
+    offsets in bits; ``run`` computes ``emulated_paged_prefill`` from them (which reads the offsets
+    as bytes, as the kernel does). Stands in for the real wrapper in CPU tests and the GPU check's
+    CPU form (``FlashInferTreeAttention(..., wrapper_factory=EmulatedPagedPrefillWrapper)``)."""
+
+    def __init__(self, workspace, kv_layout: str):
+        if kv_layout not in ("NHD", "HND"):
+            raise ValueError(f"kv_layout: expected NHD or HND, got {kv_layout!r}")
+        self._kv_layout = kv_layout
+        self.plans = 0
+
+    def plan(self, qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len,
+             num_qo_heads, num_kv_heads, head_dim_qk, page_size, *, packed_custom_mask, causal,
+             sm_scale, window_left, q_data_type, kv_data_type):
+        assert qo_indptr.device.type == "cpu" and paged_kv_indptr.device.type == "cpu"
+        assert not causal and packed_custom_mask.dtype == torch.uint8
+        self.args = dict(qo=qo_indptr, kvp=paged_kv_indptr, idx=paged_kv_indices,
+                         last=paged_kv_last_page_len, H=num_qo_heads, kvh=num_kv_heads,
+                         D=head_dim_qk, page=page_size, scale=sm_scale, wl=window_left,
+                         dtype=q_data_type)
+        q_len = qo_indptr[1:] - qo_indptr[:-1]
+        kv_len = (paged_kv_indptr[1:] - paged_kv_indptr[:-1] - 1) * page_size + paged_kv_last_page_len
+        self._mask_indptr_buf = torch.cat([torch.zeros(1, dtype=torch.int32),
+                                           torch.cumsum(q_len * kv_len, 0).int()])
+        self._custom_mask_buf = packed_custom_mask
+        self.plans += 1
+
+    def run(self, q, paged_kv_cache, out=None):
+        a = self.args
+        k, v = paged_kv_cache
+        assert q.dtype == a["dtype"] == k.dtype and q.shape[0] == int(a["qo"][-1])
+        assert q.shape[1] == a["H"] and q.shape[2] == a["D"] == k.shape[-1]
+        heads_dim, page_dim = (2, 1) if self._kv_layout == "NHD" else (1, 2)
+        assert k.shape[heads_dim] == a["kvh"] and k.shape[page_dim] == a["page"]
+        res = emulated_paged_prefill(q, k, v, self._kv_layout, a["qo"], a["kvp"], a["idx"],
+                                     a["last"], self._custom_mask_buf, self._mask_indptr_buf,
+                                     a["wl"], a["scale"]).to(q.dtype)
+        if out is not None:
+            assert out.shape == q.shape and out.is_contiguous()
+            out.copy_(res)
+            return out
+        return res
+
+
+def random_tree(n: int, g: torch.Generator, chain_bias: float = 0.5):
+    """(visible [n, n] bool, depths [n]) of a random tree with parents before children; with
+    probability chain_bias a node continues the previous one (deep paths)."""
+    parents = [-1]
+    for i in range(1, n):
+        if float(torch.rand(1, generator=g)) < chain_bias:
+            parents.append(i - 1)
+        else:
+            parents.append(int(torch.randint(0, i, (1,), generator=g)))
+    vis = torch.zeros(n, n, dtype=torch.bool)
+    depth = torch.zeros(n, dtype=torch.long)
+    for i in range(n):
+        vis[i, i] = True
+        if parents[i] >= 0:
+            vis[i, :i] |= vis[parents[i], :i]
+            depth[i] = depth[parents[i]] + 1
+    return vis, depth
+
+
+def random_tree_step(seed: int, prefixes, q_lens, block_size: int, contiguous: bool = True,
+                     kv_heads: int = 2, heads: int = 4, head_dim: int = 16, order: str = "NHD",
+                     dtype=torch.bfloat16, pad_nodes: int = 0, device="cpu") -> dict:
+    """A verify step's tree-attention inputs: E tree requests among other batch rows (a shuffled
+    block table with spare rows and blocks), random trees (the last ``pad_nodes`` of each block
+    are padding nodes: only themselves, depth 0, as the glue has them), a cache in vLLM's logical
+    layout [blocks, kv_heads, block_size, 2 * head_dim] over NHD or HND memory, and the query of
+    the whole flattened batch. Keys: table rows starts prefixes qlens vis depths cache query bs D."""
+    g = torch.Generator().manual_seed(seed)
+    E, Q = len(prefixes), max(q_lens)
+    max_blocks = max(-(-(p + q) // block_size) for p, q in zip(prefixes, q_lens)) + 2
+    R = 2 * E + 1
+    nblocks = R * max_blocks + 3
+    perm = torch.randperm(nblocks, generator=g)
+    table = perm[: R * max_blocks].view(R, max_blocks).int().contiguous()
+    rows = torch.randperm(R, generator=g)[:E]
+    vis = torch.zeros(E, Q, Q, dtype=torch.bool)
+    depths = torch.zeros(E, Q, dtype=torch.long)
+    for e, q in enumerate(q_lens):
+        real = max(1, q - pad_nodes)
+        v, d = random_tree(real, g)
+        vis[e, :real, :real], depths[e, :real] = v, d
+        for i in range(real, q):
+            vis[e, i, i] = True
+    starts, pos = [], 2
+    for q in q_lens:
+        starts.append(pos)
+        pos += q + (0 if contiguous else 3)
+    T = pos + 2
+    if order == "NHD":
+        cache = torch.randn(nblocks, block_size, kv_heads, 2 * head_dim, generator=g).to(dtype)
+        cache = cache.to(device).transpose(1, 2)
+    else:
+        cache = torch.randn(nblocks, kv_heads, block_size, 2 * head_dim, generator=g).to(dtype).to(device)
+    query = torch.randn(T, heads, head_dim, generator=g).to(dtype).to(device)
+    return dict(table=table.to(device), rows=rows, starts=torch.tensor(starts),
+                prefixes=torch.tensor(prefixes), qlens=torch.tensor(q_lens), vis=vis, depths=depths,
+                cache=cache, query=query, bs=block_size, D=head_dim)
+
+
+def plan_args(step: dict) -> tuple:
+    """The positional inputs of ``plan_flashinfer_tree`` / ``plan_tree_attention`` of a step."""
+    return (step["table"], step["bs"], step["rows"], step["starts"], step["prefixes"],
+            step["qlens"], step["vis"], step["depths"])
+
+
+def reference_rows(step: dict, window: int | None, scale: float) -> dict:
+    """Request e -> (first batch row, tree_sdpa.tree_attention of its rows), read from the cache."""
+    from .tree_sdpa import tree_attention
+
+    out = {}
+    table, bs, D = step["table"], step["bs"], step["D"]
+    view = step["cache"].transpose(1, 2)  # [blocks, bs, kvh, 2D]
+    for e, (p, q) in enumerate(zip(step["prefixes"].tolist(), step["qlens"].tolist())):
+        pos = torch.arange(p + q, device=table.device)
+        slots = table[int(step["rows"][e])].long()[pos // bs] * bs + pos % bs
+        kv = view[slots // bs, slots % bs]  # [n, kvh, 2D]
+        k, v = kv[..., :D].transpose(0, 1), kv[..., D:].transpose(0, 1)
+        s = int(step["starts"][e])
+        vis = step["vis"][e, :q, :q].to(table.device)
+        out[e] = (s, tree_attention(step["query"][s:s + q], k, v, p, vis, scale, window))
+    return out
