@@ -333,11 +333,13 @@ class FlashInferTreeAttention:
     """Pre-allocated FlashInfer state for tree verify (one per process and device).
 
     One float workspace shared by every wrapper (their runs are serialised on one stream, as in
-    vLLM's FlashInfer backend); one planned ``BatchPrefillWithPagedKVCacheWrapper`` per KV-cache
-    group and layer configuration (kv layout, heads, head size, dtypes, scale, window), created on
-    first use and re-planned once per step."""
+    vLLM's FlashInfer backend; 256 MB covers KV splits up to 8 query heads per kv head at head
+    dim 256 on 132 SMs, see ``split_kv_bytes``); one planned ``BatchPrefillWithPagedKVCacheWrapper``
+    per KV-cache group and layer configuration (kv layout, heads, head size, dtypes, scale,
+    window), created on first use and re-planned once per step. The glue makes it when the runner
+    is built, so that vLLM's memory profile counts the workspace before sizing the KV cache."""
 
-    def __init__(self, device, workspace_bytes: int = 128 << 20,
+    def __init__(self, device, workspace_bytes: int = 256 << 20,
                  wrapper_factory: Callable[[Any, str], Any] | None = None, max_wrappers: int = 16):
         import torch
 
@@ -350,6 +352,20 @@ class FlashInferTreeAttention:
         self._wrappers: collections.OrderedDict = collections.OrderedDict()
         self.max_wrappers = max_wrappers
         self._serial = itertools.count(1)
+        self._num_sms: int | None = None
+
+    def split_kv_bytes(self, num_qo_heads: int, num_kv_heads: int, head_dim: int) -> int:
+        """Upper bound of the float workspace FlashInfer's fa2 prefill plan may take when it splits
+        the KV (partial outputs + LSEs of at most 2 CTAs per SM per kv head, query tiles <= 128
+        rows: PrefillPlan in its scheduler.cuh). Past the workspace, a layer is planned without
+        KV splits (correct, fewer CTAs at small batches) rather than failing mid-step."""
+        import torch
+
+        if self._num_sms is None:
+            self._num_sms = (torch.cuda.get_device_properties(self.device).multi_processor_count
+                             if self.device.type == "cuda" else 132)
+        tiles = (2 * self._num_sms) // max(num_kv_heads, 1)
+        return num_qo_heads * tiles * 128 * (head_dim + 1) * 4 + (1 << 16)
 
     def plan(self, block_table, block_size: int, req_rows, starts, prefix_lens, q_lens, visible,
              depths, group_key: Any = None) -> FlashInferTreePlan:
@@ -360,15 +376,14 @@ class FlashInferTreeAttention:
         plan.owner, plan.group_key, plan.serial = self, group_key, next(self._serial)
         return plan
 
-    def run(self, plan: FlashInferTreePlan, query, kv_cache, output, scale: float,
-            window: int | None = None) -> None:
+    def prepare(self, plan: FlashInferTreePlan, query, kv_cache, scale: float,
+                window: int | None = None):
+        """Validate a layer's inputs and plan its wrapper for this step (done by ``run``; callable
+        ahead, e.g. to time planning). Returns (wrapper, k_cache view, v_cache view)."""
         import torch
 
-        if plan.num_requests == 0:
-            return
-        if query.dim() != 3 or output.shape != query.shape:
-            raise ValueError(f"query and output: expected equal [T, H, D] shapes, got "
-                             f"{tuple(query.shape)} and {tuple(output.shape)}")
+        if query.dim() != 3:
+            raise ValueError(f"query: expected [T, H, D], got {tuple(query.shape)}")
         if query.dtype not in (torch.float16, torch.bfloat16) or kv_cache.dtype != query.dtype:
             raise ValueError(f"query / kv_cache dtype: FlashInfer tree attention takes fp16/bf16 "
                              f"query and an equal-dtype cache, got {query.dtype} / {kv_cache.dtype}")
@@ -379,14 +394,22 @@ class FlashInferTreeAttention:
             raise ValueError(f"query heads ({H}) must be a multiple of kv heads ({kvh})")
         if kv_cache.shape[2] != plan.block_size:
             raise ValueError(f"kv_cache: block size {kv_cache.shape[2]}, the plan has {plan.block_size}")
-        mask = plan.mask(window)
         config = (layout, H, kvh, D, query.dtype, float(scale), window)
-        wrapper = self._planned_wrapper(plan, config, mask)
+        return self._planned_wrapper(plan, config, plan.mask(window)), k_cache, v_cache
+
+    def run(self, plan: FlashInferTreePlan, query, kv_cache, output, scale: float,
+            window: int | None = None) -> None:
+        if plan.num_requests == 0:
+            return
+        if output.shape != query.shape:
+            raise ValueError(f"query and output: expected equal [T, H, D] shapes, got "
+                             f"{tuple(query.shape)} and {tuple(output.shape)}")
+        wrapper, k_cache, v_cache = self.prepare(plan, query, kv_cache, scale, window)
         if plan.row_range is not None:
             a, b = plan.row_range
             q = query[a:b]
             out = output[a:b]
-            if out.is_contiguous():
+            if out.is_contiguous():  # the kernel writes [rows, H, D] densely
                 wrapper.run(q, (k_cache, v_cache), out=out)
                 return
             out.copy_(wrapper.run(q, (k_cache, v_cache)))
@@ -408,7 +431,8 @@ class FlashInferTreeAttention:
             wrapper.plan(plan.qo_indptr, plan.kv_indptr, plan.kv_indices, plan.kv_last_page_len,
                          H, kvh, D, plan.block_size, packed_custom_mask=mask.packed, causal=False,
                          sm_scale=scale, window_left=mask.window_left, q_data_type=dtype,
-                         kv_data_type=dtype)
+                         kv_data_type=dtype,
+                         disable_split_kv=self.split_kv_bytes(H, kvh, D) > self.workspace.numel())
             # plan() derives the mask offsets in bits (FlashInfer PR #2201); the kernel reads bytes
             wrapper._mask_indptr_buf = mask.byte_indptr
             entry[1] = plan.serial
@@ -431,18 +455,14 @@ def tree_attention_runner(device) -> FlashInferTreeAttention:
     return runner
 
 
-def precompile(head_dims, dtypes=("bfloat16",), windows=(False, True)) -> None:
-    """Build FlashInfer's fa2 paged-prefill modules for these head sizes / dtypes / window use in
-    one parallel ninja run (a first call of each variant otherwise JIT-compiles for about a
-    minute on the first verify step)."""
+def precompile(variants, dtype: str = "bfloat16") -> None:
+    """Build FlashInfer's fa2 paged-prefill modules for ``variants`` = [(head_dim, sliding window
+    used)] in one parallel ninja run (the first call of each variant otherwise JIT-compiles for
+    about a minute, on the first verify step). Already built modules are skipped."""
     import torch
     from flashinfer.jit import build_jit_specs, gen_batch_prefill_module
 
-    specs = []
-    for hd in head_dims:
-        for dt in dtypes:
-            dtype = getattr(torch, dt) if isinstance(dt, str) else dt
-            for sliding in windows:
-                specs.append(gen_batch_prefill_module("fa2", dtype, dtype, dtype, torch.int32, hd, hd,
-                                                      0, bool(sliding), False, False))
+    dt = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    specs = [gen_batch_prefill_module("fa2", dt, dt, dt, torch.int32, hd, hd, 0, bool(sliding),
+                                      False, False) for hd, sliding in variants]
     build_jit_specs(specs, verbose=False)

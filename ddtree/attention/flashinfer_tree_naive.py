@@ -140,7 +140,7 @@ class EmulatedPagedPrefillWrapper:
 
     def plan(self, qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len,
              num_qo_heads, num_kv_heads, head_dim_qk, page_size, *, packed_custom_mask, causal,
-             sm_scale, window_left, q_data_type, kv_data_type):
+             sm_scale, window_left, q_data_type, kv_data_type, disable_split_kv=False):
         assert qo_indptr.device.type == "cpu" and paged_kv_indptr.device.type == "cpu"
         assert not causal and packed_custom_mask.dtype == torch.uint8
         self.args = dict(qo=qo_indptr, kvp=paged_kv_indptr, idx=paged_kv_indices,
@@ -152,6 +152,7 @@ class EmulatedPagedPrefillWrapper:
         self._mask_indptr_buf = torch.cat([torch.zeros(1, dtype=torch.int32),
                                            torch.cumsum(q_len * kv_len, 0).int()])
         self._custom_mask_buf = packed_custom_mask
+        self.disable_split_kv = disable_split_kv
         self.plans += 1
 
     def run(self, q, paged_kv_cache, out=None):
@@ -201,7 +202,7 @@ def random_tree_step(seed: int, prefixes, q_lens, block_size: int, contiguous: b
     g = torch.Generator().manual_seed(seed)
     E, Q = len(prefixes), max(q_lens)
     max_blocks = max(-(-(p + q) // block_size) for p, q in zip(prefixes, q_lens)) + 2
-    R = 2 * E + 1
+    R = E + 2
     nblocks = R * max_blocks + 3
     perm = torch.randperm(nblocks, generator=g)
     table = perm[: R * max_blocks].view(R, max_blocks).int().contiguous()
@@ -219,12 +220,14 @@ def random_tree_step(seed: int, prefixes, q_lens, block_size: int, contiguous: b
         starts.append(pos)
         pos += q + (0 if contiguous else 3)
     T = pos + 2
+    # values drawn where they live (a CPU draw of a GPU-sized cache takes seconds)
+    gd = g if torch.device(device).type == "cpu" else torch.Generator(device=device).manual_seed(seed)
+    shape = ((nblocks, block_size, kv_heads, 2 * head_dim) if order == "NHD"
+             else (nblocks, kv_heads, block_size, 2 * head_dim))
+    cache = torch.randn(shape, generator=gd, device=device).to(dtype)
     if order == "NHD":
-        cache = torch.randn(nblocks, block_size, kv_heads, 2 * head_dim, generator=g).to(dtype)
-        cache = cache.to(device).transpose(1, 2)
-    else:
-        cache = torch.randn(nblocks, kv_heads, block_size, 2 * head_dim, generator=g).to(dtype).to(device)
-    query = torch.randn(T, heads, head_dim, generator=g).to(dtype).to(device)
+        cache = cache.transpose(1, 2)
+    query = torch.randn(T, heads, head_dim, generator=gd, device=device).to(dtype)
     return dict(table=table.to(device), rows=rows, starts=torch.tensor(starts),
                 prefixes=torch.tensor(prefixes), qlens=torch.tensor(q_lens), vis=vis, depths=depths,
                 cache=cache, query=query, bs=block_size, D=head_dim)

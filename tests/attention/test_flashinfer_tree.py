@@ -148,6 +148,14 @@ def test_run_matches_tree_attention_through_emulated_flashinfer(order, window, c
     runner.plan(*_plan_args(c), group_key=("group", 0)).run(c["query"], c["cache"], output, scale,
                                                             window)
     assert wrapper.plans == 2 and _EmulatedWrapper.instances[-1] is wrapper
+    assert wrapper.disable_split_kv  # a 16-byte workspace cannot hold KV-split partials
+
+
+def test_default_workspace_allows_kv_splits_for_common_shapes():
+    runner = FlashInferTreeAttention("cpu", wrapper_factory=_EmulatedWrapper)  # 132 SMs assumed
+    for heads, kvh, D in [(24, 4, 256), (16, 2, 128), (64, 8, 128), (32, 8, 128), (4, 2, 64)]:
+        assert runner.split_kv_bytes(heads, kvh, D) <= runner.workspace.numel()
+    assert runner.split_kv_bytes(64, 4, 256) > runner.workspace.numel()  # 16 per kv head: no split
 
 
 def test_byte_offsets_matter():

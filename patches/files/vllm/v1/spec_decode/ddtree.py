@@ -697,8 +697,12 @@ class DDTreeRunnerState:
         self._stats = DDTreeStats()
         logger.info("DDTree tree verify active: budget=%d top_k=%d chain_seed=%s depth=%d",
                     sc.ddtree_budget, sc.ddtree_top_k, sc.ddtree_chain_seed, sc.ddtree_max_depth)
-        if torch.cuda.is_available():
-            _tree_attention_path()  # a bad DDTREE_TREE_ATTENTION fails at startup, not mid-step
+        # a bad DDTREE_TREE_ATTENTION fails at startup, not mid-step; the FlashInfer workspace is
+        # made now, so that vLLM's memory profile counts it before sizing the KV cache
+        if torch.cuda.is_available() and _tree_attention_path() == "flashinfer":
+            from ddtree.attention.flashinfer_tree import tree_attention_runner
+
+            tree_attention_runner(getattr(runner, "device", None) or "cuda")
 
     def _forget_trees(self, scheduler_output) -> None:
         """Drop the trees of requests that were preempted or finished (aborts included) since the
