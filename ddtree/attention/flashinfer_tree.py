@@ -455,7 +455,7 @@ def tree_attention_runner(device) -> FlashInferTreeAttention:
     return runner
 
 
-def precompile(variants, dtype: str = "bfloat16") -> None:
+def precompile(variants, dtype="bfloat16") -> None:
     """Build FlashInfer's fa2 paged-prefill modules for ``variants`` = [(head_dim, sliding window
     used)] in one parallel ninja run (the first call of each variant otherwise JIT-compiles for
     about a minute, on the first verify step). Already built modules are skipped."""

@@ -206,6 +206,28 @@ def _tree_attention_path() -> str:
     return _TREE_ATTENTION_PATH
 
 
+def _precompile_flashinfer(model_config) -> None:
+    """JIT-build the FlashInfer variants the target's attention layers will use now (a minute or
+    two when not cached) instead of on the first verify step. Best effort: a variant missed here
+    is built on first use."""
+    if model_config is None:
+        return
+    try:
+        from ddtree.attention.flashinfer_tree import precompile
+
+        head_size = model_config.get_head_size()
+        variants = [(head_size, False)]
+        if model_config.get_sliding_window() is not None:
+            variants.append((head_size, True))
+        t0 = time.perf_counter()
+        precompile(variants, dtype=model_config.dtype)
+        logger.info("DDTree tree attention: FlashInfer kernels ready for %s (%.1f s)", variants,
+                    time.perf_counter() - t0)
+    except Exception as exc:  # never fail startup for a warm-up
+        logger.warning("DDTree tree attention: FlashInfer warm-up skipped (%s: %s)",
+                       type(exc).__name__, exc)
+
+
 def _flashinfer_takes(query: torch.Tensor, kv_cache: torch.Tensor) -> bool:
     ok = query.dtype in (torch.float16, torch.bfloat16) and kv_cache.dtype == query.dtype
     if not ok:
@@ -703,6 +725,7 @@ class DDTreeRunnerState:
             from ddtree.attention.flashinfer_tree import tree_attention_runner
 
             tree_attention_runner(getattr(runner, "device", None) or "cuda")
+            _precompile_flashinfer(getattr(runner, "model_config", None))
 
     def _forget_trees(self, scheduler_output) -> None:
         """Drop the trees of requests that were preempted or finished (aborts included) since the
