@@ -240,7 +240,8 @@ def plan_args(step: dict) -> tuple:
 
 
 def reference_rows(step: dict, window: int | None, scale: float) -> dict:
-    """Request e -> (first batch row, tree_sdpa.tree_attention of its rows), read from the cache."""
+    """Request e -> (first batch row, tree_sdpa.tree_attention of its rows in fp32), read from the
+    cache (inputs upcast, so the reference carries no bf16 output rounding)."""
     from .tree_sdpa import tree_attention
 
     out = {}
@@ -250,8 +251,8 @@ def reference_rows(step: dict, window: int | None, scale: float) -> dict:
         pos = torch.arange(p + q, device=table.device)
         slots = table[int(step["rows"][e])].long()[pos // bs] * bs + pos % bs
         kv = view[slots // bs, slots % bs]  # [n, kvh, 2D]
-        k, v = kv[..., :D].transpose(0, 1), kv[..., D:].transpose(0, 1)
+        k, v = kv[..., :D].transpose(0, 1).float(), kv[..., D:].transpose(0, 1).float()
         s = int(step["starts"][e])
         vis = step["vis"][e, :q, :q].to(table.device)
-        out[e] = (s, tree_attention(step["query"][s:s + q], k, v, p, vis, scale, window))
+        out[e] = (s, tree_attention(step["query"][s:s + q].float(), k, v, p, vis, scale, window))
     return out
