@@ -266,3 +266,66 @@ def test_flashinfer_kernel_matches_tree_attention(D, bs, order, window):
         assert (got - ref.float()).abs().max().item() < 3e-2
         written[s:s + ref.shape[0]] = True
     assert (output[~written] == 5.0).all()
+
+
+# ----------------------------------------------------------------------------- FlashInfer's Python layer
+
+
+class _KernelStandIn:
+    """The compiled fa2 batch-prefill module behind FlashInfer's wrapper: ``plan`` returns a plan
+    info, ``paged_run`` computes from the very arguments the wrapper hands the kernel (0.6.14's
+    argument order) what the kernel computes, by ``emulated_paged_prefill``."""
+
+    def __init__(self):
+        self.runs = []
+
+    def plan(self, *args):
+        return [0]
+
+    def paged_run(self, float_ws, int_ws, plan_info, q, k_cache, v_cache, qo_indptr, kv_indptr,
+                  kv_indices, last_page_len, out, lse, mask_mode, layout, window_left, enable_pdl,
+                  custom_mask, mask_indptr, alibi, prefix_len, token_pos, max_item_len, soft_cap,
+                  sm_scale, *rest):
+        from flashinfer.utils import MaskMode, TensorLayout
+
+        from ddtree.attention.flashinfer_tree_naive import emulated_paged_prefill
+
+        assert mask_mode == MaskMode.CUSTOM.value and soft_cap == 0.0
+        kv_layout = TensorLayout(layout).name
+        self.runs.append({"layout": kv_layout, "window_left": window_left,
+                          "mask_indptr": mask_indptr.tolist()})
+        res = emulated_paged_prefill(q, k_cache, v_cache, kv_layout, qo_indptr.cpu(), kv_indptr.cpu(),
+                                     kv_indices.cpu(), last_page_len.cpu(), custom_mask, mask_indptr.cpu(),
+                                     window_left, sm_scale)
+        out.copy_(res.to(out.dtype))
+
+
+@pytest.mark.parametrize("order,window", [("NHD", None), ("HND", 5)])
+def test_through_flashinfer_python_wrapper(monkeypatch, order, window):
+    """FlashInfer 0.6.14's own ``BatchPrefillWithPagedKVCacheWrapper.plan`` / ``run`` (its Python
+    layer: argument handling, dtype and shape checks, mask offsets, layout) on CPU tensors, with the
+    compiled kernel module replaced by a stand-in: the tree rows equal the reference, so the
+    arguments reach the kernel as intended (skipped where flashinfer does not import)."""
+    if flashinfer_available() is not None:
+        pytest.skip(f"flashinfer does not import: {flashinfer_available()}")
+    import flashinfer.prefill as fp
+
+    kernel = _KernelStandIn()
+    monkeypatch.setattr(fp, "get_batch_prefill_module", lambda backend, *args: kernel)
+    real_empty = torch.empty
+
+    def empty(*args, pin_memory=False, **kw):  # no pinned memory without a driver
+        return real_empty(*args, **kw)
+
+    monkeypatch.setattr(torch, "empty", empty)
+    c = _case(51, [0, 21, 47], [9, 13, 6], 16, contiguous=False, order=order)
+    runner = FlashInferTreeAttention("cpu", workspace_bytes=1 << 16)
+    plan = runner.plan(*_plan_args(c))
+    output = torch.full_like(c["query"], 7.0)
+    scale = c["D"] ** -0.5
+    plan.run(c["query"], c["cache"], output, scale, window)
+    assert kernel.runs[-1]["layout"] == order
+    assert kernel.runs[-1]["window_left"] == flashinfer_window_left(window, 13)
+    assert kernel.runs[-1]["mask_indptr"] == plan.mask(window).byte_indptr_host  # bytes, not bits
+    for e, (s, ref) in _reference_rows(c, plan, window, scale).items():
+        torch.testing.assert_close(output[s:s + ref.shape[0]].float(), ref, atol=2e-2, rtol=2e-2)
