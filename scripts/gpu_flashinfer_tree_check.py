@@ -1,7 +1,8 @@
 """FlashInfer tree-verify attention on a CUDA GPU, one command: kernel vs reference, speed vs the
 portable path, and greedy equality end to end.
 
-    python3 scripts/gpu_flashinfer_tree_check.py OUTDIR [--quick] [--skip-e2e] [--models models/tiny-pair]
+    python3 scripts/gpu_flashinfer_tree_check.py OUTDIR [--quick] [--skip-e2e] [--with-portable]
+                                                 [--models models/tiny-pair] [--cpu]
 
 Runs where the offline bundle is installed (PYTHONPATH=/opt/vllm-site: vLLM 0.26 with our overlays,
 flashinfer-python 0.6.14, nvcc for its JIT); the repo checkout is the working directory.
@@ -179,17 +180,15 @@ def _host_ms(fn, reps: int) -> float:
     return statistics.median(times)
 
 
+TIMING_LAYER = {"heads": 24, "kv_heads": 4, "head_dim": 256, "block_size": 16}  # Qwen3.5-27B-like
+
+
 def timing(quick: bool, reps: int = 20) -> list[dict]:
     import flashinfer
     import torch
 
-    from ddtree.attention.batched import (paged_kv_rows, paged_tree_attention_chunked,
-                                          plan_tree_attention)
-    from ddtree.attention.flashinfer_tree import paged_kv_views, tree_attention_runner
-    from ddtree.attention.flashinfer_tree_naive import plan_args, random_tree_step
+    from ddtree.attention.flashinfer_tree import tree_attention_runner
 
-    heads, kvh, D, bs = 24, 4, 256, 16
-    scale = D ** -0.5
     runner = tree_attention_runner("cuda")
     causal = flashinfer.BatchPrefillWithPagedKVCacheWrapper(runner.workspace, "NHD", backend="fa2")
     shapes = [(b, p, n) for b in (1, 8, 32) for p in (512, 4096) for n in (16, 64)]
@@ -197,45 +196,55 @@ def timing(quick: bool, reps: int = 20) -> list[dict]:
         shapes = [(1, 512, 16), (8, 4096, 64)]
     records = []
     for batch, prefix, budget in shapes:
-        q = budget + 1
-        step = random_tree_step(7, [prefix] * batch, [q] * batch, bs, True, kv_heads=kvh,
-                                heads=heads, head_dim=D, order="NHD", device="cuda")
-        query, cache = step["query"], step["cache"]
-        out = torch.empty_like(query)
-
-        def fi_plan():  # what a step pays once per KV group (index arrays, mask, wrapper plan)
-            p = runner.plan(*plan_args(step), group_key=("timing",))
-            runner.prepare(p, query, cache, scale, None)
-            return p
-
-        plan = fi_plan()
-        rec = {"batch": batch, "prefix": prefix, "budget": budget,
-               "fi_plan_ms": round(_host_ms(fi_plan, 5), 3)}
-        plan = fi_plan()
-        rec["fi_run_ms"] = round(_median_ms(lambda: plan.run(query, cache, out, scale, None), reps), 4)
-        pplan = plan_tree_attention(*plan_args(step))
-        rec["portable_plan_ms"] = round(_host_ms(lambda: plan_tree_attention(*plan_args(step)), 5), 3)
-        rec["portable_run_ms"] = round(_median_ms(lambda: paged_tree_attention_chunked(
-            query, out, lambda s: paged_kv_rows(cache, D, s), pplan, scale, None), max(5, reps // 4)), 4)
-        layout, k_cache, v_cache = paged_kv_views(cache, D)
-        causal.plan(plan.qo_indptr, plan.kv_indptr, plan.kv_indices, plan.kv_last_page_len, heads,
-                    kvh, D, bs, causal=True, sm_scale=scale, q_data_type=query.dtype,
-                    kv_data_type=query.dtype)
-        a, b = plan.row_range
-        rec["causal_run_ms"] = round(_median_ms(lambda: causal.run(query[a:b], (k_cache, v_cache),
-                                                                   out=out[a:b]), reps), 4)
-        rec["speedup_vs_portable"] = round(rec["portable_run_ms"] / rec["fi_run_ms"], 2)
-        rec["tree_over_causal"] = round(rec["fi_run_ms"] / rec["causal_run_ms"], 2)
-        records.append(rec)
-        del step, query, cache, out, plan, pplan
+        records.append(_time_shape(runner, causal, batch, prefix, budget, reps))
         torch.cuda.empty_cache()
     return records
+
+
+def _time_shape(runner, causal, batch: int, prefix: int, budget: int, reps: int) -> dict:
+    import torch
+
+    from ddtree.attention.batched import (paged_kv_rows, paged_tree_attention_chunked,
+                                          plan_tree_attention)
+    from ddtree.attention.flashinfer_tree import paged_kv_views
+    from ddtree.attention.flashinfer_tree_naive import plan_args, random_tree_step
+
+    heads, kvh, D, bs = (TIMING_LAYER[k] for k in ("heads", "kv_heads", "head_dim", "block_size"))
+    scale = D ** -0.5
+    step = random_tree_step(7, [prefix] * batch, [budget + 1] * batch, bs, True, kv_heads=kvh,
+                            heads=heads, head_dim=D, order="NHD", device="cuda")
+    query, cache = step["query"], step["cache"]
+    out = torch.empty_like(query)
+
+    def fi_plan():  # what a step pays once per KV group (index arrays, mask, wrapper plan)
+        p = runner.plan(*plan_args(step), group_key=("timing",))
+        runner.prepare(p, query, cache, scale, None)
+        return p
+
+    rec = {"batch": batch, "prefix": prefix, "budget": budget,
+           "fi_plan_ms": round(_host_ms(fi_plan, 5), 3)}
+    plan = fi_plan()
+    rec["fi_run_ms"] = round(_median_ms(lambda: plan.run(query, cache, out, scale, None), reps), 4)
+    pplan = plan_tree_attention(*plan_args(step))
+    rec["portable_plan_ms"] = round(_host_ms(lambda: plan_tree_attention(*plan_args(step)), 5), 3)
+    rec["portable_run_ms"] = round(_median_ms(lambda: paged_tree_attention_chunked(
+        query, out, lambda s: paged_kv_rows(cache, D, s), pplan, scale, None), max(5, reps // 4)), 4)
+    # the chain's cost over the same blocks (the causal pass a plain verify pays): the floor
+    _, k_cache, v_cache = paged_kv_views(cache, D)
+    causal.plan(plan.qo_indptr, plan.kv_indptr, plan.kv_indices, plan.kv_last_page_len, heads, kvh,
+                D, bs, causal=True, sm_scale=scale, q_data_type=query.dtype, kv_data_type=query.dtype)
+    a, b = plan.row_range
+    rec["causal_run_ms"] = round(_median_ms(
+        lambda: causal.run(query[a:b], (k_cache, v_cache), out=out[a:b]), reps), 4)
+    rec["speedup_vs_portable"] = round(rec["portable_run_ms"] / rec["fi_run_ms"], 2)
+    rec["tree_over_causal"] = round(rec["fi_run_ms"] / rec["causal_run_ms"], 2)
+    return rec
 
 
 # ----------------------------------------------------------------------------- end to end (CUDA)
 
 
-def end_to_end(out: Path, models: Path, quick: bool) -> dict:
+def end_to_end(out: Path, models: Path, quick: bool, with_portable: bool = False) -> dict:
     from gpu_ddtree_check import child_env, mode_configs, prompts_for, run_mode_process
 
     from tests.support.equality import compare_greedy
@@ -247,10 +256,12 @@ def end_to_end(out: Path, models: Path, quick: bool) -> dict:
     configs = mode_configs(models)
     report: dict = {"prompts": len(prompts), "tokens": eq_tokens}
     ref = None
-    for mode in ("target", "ddtree"):
-        cfg = dict(configs[mode], model=str(models / "target"), prompts=prompts, max_tokens=eq_tokens,
-                   logprobs=(mode == "target"), speed_prompts=speed_prompts, speed_tokens=16)
-        env = child_env(DDTREE_TREE_ATTENTION="flashinfer")
+    speed_tokens = 64 if with_portable else 16
+    for mode in ("target", "ddtree") + (("ddtree-portable",) if with_portable else ()):
+        cfg = dict(configs[mode.replace("-portable", "")], model=str(models / "target"),
+                   prompts=prompts, max_tokens=eq_tokens, logprobs=(mode == "target"),
+                   speed_prompts=speed_prompts, speed_tokens=speed_tokens)
+        env = child_env(DDTREE_TREE_ATTENTION="portable" if mode == "ddtree-portable" else "flashinfer")
         log = out / f"e2e-{mode}.log"
         t0 = time.monotonic()
         res, status = run_mode_process(script, out, mode, cfg, env, log, timeout=600)
@@ -273,10 +284,15 @@ def end_to_end(out: Path, models: Path, quick: bool) -> dict:
             text = log.read_text(errors="replace")
             rec["flashinfer_path_logged"] = PATH_LOG_LINE in text
             rec["tree_steps"] = (res.get("ddtree_counters") or {}).get("steps", 0)
+            if mode == "ddtree-portable":  # the comparison run must not have taken FlashInfer
+                rec["flashinfer_path_logged_by_mistake"] = rec.pop("flashinfer_path_logged")
         report[mode] = rec
     dd = report.get("ddtree", {})
     report["ok"] = bool(dd and "error" not in dd and not dd.get("failures")
                         and dd.get("flashinfer_path_logged") and dd.get("tree_steps", 0) > 0)
+    port = report.get("ddtree-portable")
+    if port is not None:
+        report["ok"] &= "error" not in port and not port.get("failures")
     return report
 
 
@@ -290,6 +306,8 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="fewer cases, shapes and prompts")
     ap.add_argument("--skip-e2e", action="store_true", help="kernel check and timing only")
     ap.add_argument("--cpu", action="store_true", help="planning part only, even with a GPU")
+    ap.add_argument("--with-portable", action="store_true",
+                    help="also run ddtree on the portable path (tok/s side by side; ~1 min more)")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     import torch
@@ -348,14 +366,23 @@ def main() -> int:
               f"{r['tree_over_causal']:>8.2f}{r['fi_plan_ms']:>9.2f}{r['portable_plan_ms']:>10.2f}")
 
     if not args.skip_e2e:
-        report["e2e"] = end_to_end(args.out, args.models, args.quick)
+        report["e2e"] = end_to_end(args.out, args.models, args.quick, args.with_portable)
         save()
-        dd = report["e2e"].get("ddtree", {})
-        print(f"\nend to end (tiny pair, DDTREE_TREE_ATTENTION=flashinfer): equal {dd.get('equal')}"
-              f"/{report['e2e']['prompts']}, ties {dd.get('tie_divergences')}, failures "
-              f"{len(dd.get('failures', [])) if 'error' not in dd else dd['error']}, FlashInfer path "
-              f"logged {dd.get('flashinfer_path_logged')}, tree steps {dd.get('tree_steps')}, "
-              f"AL {dd.get('equality_acceptance_length')}")
+        print(f"\nend to end, tiny pair ({report['e2e']['prompts']} prompts x {report['e2e']['tokens']} "
+              f"tokens):")
+        print(f"{'mode':<16}{'path':<11}{'equal':>6}{'ties':>6}{'fail':>6}{'steps':>7}{'AL':>7}"
+              f"{'tok/s c1':>10}{'tok/s c8':>10}")
+        for mode in ("target", "ddtree", "ddtree-portable"):
+            r = report["e2e"].get(mode)
+            if r is None:
+                continue
+            sp = r.get("speed", {})
+            fails = "ERR" if "error" in r else len(r.get("failures", [])) if mode != "target" else "-"
+            path_used = ("-" if mode == "target" else "flashinfer" if r.get("flashinfer_path_logged")
+                         else "portable")
+            print(f"{mode:<16}{path_used:<11}{r.get('equal', '-')!s:>6}{r.get('tie_divergences', '-')!s:>6}"
+                  f"{fails!s:>6}{r.get('tree_steps', '-')!s:>7}{r.get('equality_acceptance_length', '-')!s:>7}"
+                  f"{sp.get('c1_tok_s', '-')!s:>10}{sp.get('c8_tok_s', '-')!s:>10}")
         ok &= report["e2e"]["ok"]
     report["ok"] = bool(ok)
     report["wall_s"] = round(time.monotonic() - t0, 1)
