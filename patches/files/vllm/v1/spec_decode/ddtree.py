@@ -21,7 +21,8 @@ nodes 1..budget = the flattened draft tree, parent before child):
 The algorithms (tree build, walks, masks, tree GDN ops, tree attention) live in the ``ddtree``
 package; this module is glue. The tree path runs on vLLM's CPU backend and, on CUDA, with the V1
 runner and the FLASH_ATTN / TRITON_ATTN / FLASHINFER backends (attention rows recomputed under the tree mask by
-one batched SDPA per layer: ``tree_attention_fixup``; GDN through the Triton tree kernels:
+one batched SDPA per layer, or FlashInfer's paged prefill with a packed custom mask where
+``DDTREE_TREE_ATTENTION=flashinfer``: ``tree_attention_fixup``; GDN through the Triton tree kernels:
 ``gdn_tree_spec_forward``); elsewhere ``method="dflash_ddtree"`` falls back to flat DFlash over the
 top-1 chain (see vllm/config/ddtree.py).
 """
@@ -142,30 +143,98 @@ def _window_of(impl) -> int | None:
 def tree_attention_fixup(layer, query: torch.Tensor, kv_cache: torch.Tensor, attn_metadata,
                          output: torch.Tensor) -> None:
     """After a GPU backend ran the verify blocks causally (writing every node's K/V into its own
-    slot), recompute the tree requests' rows under the ancestor mask: one batched SDPA per layer
-    over the committed prefix and the block (``ddtree.attention.batched``)."""
+    slot), recompute the tree requests' rows under the ancestor mask: FlashInfer's paged prefill
+    with a packed custom mask (``DDTREE_TREE_ATTENTION=flashinfer``,
+    ``ddtree.attention.flashinfer_tree``) or one batched SDPA per layer over the committed prefix
+    and the block (portable, ``ddtree.attention.batched``)."""
     step = _CURRENT
     if step is None or not step.entries or not query.is_cuda or attn_metadata is None:
         return
-    from ddtree.attention.batched import (paged_kv_rows, paged_tree_attention_chunked,
-                                          plan_tree_attention)
-
     impl = layer.impl
     block_table = getattr(attn_metadata, "block_table", None)
     if block_table is None:  # e.g. FlashInfer keeps only its planned page indices
         block_table = _layer_block_table(step, layer)
     block_size = kv_cache.shape[2]
+    num_heads, head_size = impl.num_heads, impl.head_size
+    q3, out3 = query.view(-1, num_heads, head_size), output.view(-1, num_heads, head_size)
+    if _tree_attention_path() == "flashinfer" and _flashinfer_takes(query, kv_cache):
+        from ddtree.attention.flashinfer_tree import tree_attention_runner
+
+        key = ("flashinfer", block_table.data_ptr(), block_size)
+        plan = step.attn_plans.get(key)
+        if plan is None:
+            plan = step.attn_plans[key] = tree_attention_runner(query.device).plan(
+                block_table, block_size, step.rows, step.starts, step.prefix_lens, step.q_lens,
+                step.visible, step.depths, group_key=key[1:])
+        plan.run(q3, kv_cache, out3, impl.scale, _window_of(impl))
+        step.gpu_attn_layers.append((kv_cache, plan))
+        return
+    from ddtree.attention.batched import (paged_kv_rows, paged_tree_attention_chunked,
+                                          plan_tree_attention)
+
     key = (block_table.data_ptr(), block_size)
     plan = step.attn_plans.get(key)
     if plan is None:
         plan = plan_tree_attention(block_table, block_size, step.rows, step.starts, step.prefix_lens,
                                    step.q_lens, step.visible, step.depths)
         step.attn_plans[key] = plan
-    num_heads, head_size = impl.num_heads, impl.head_size
     paged_tree_attention_chunked(
-        query.view(-1, num_heads, head_size), output.view(-1, num_heads, head_size),
-        lambda slots: paged_kv_rows(kv_cache, head_size, slots), plan, impl.scale, _window_of(impl))
+        q3, out3, lambda slots: paged_kv_rows(kv_cache, head_size, slots), plan, impl.scale,
+        _window_of(impl))
     step.gpu_attn_layers.append((kv_cache, plan))
+
+
+_TREE_ATTENTION_PATH: str | None = None
+
+
+def _tree_attention_path() -> str:
+    """``DDTREE_TREE_ATTENTION`` (portable | flashinfer; ValueError otherwise), resolved once per
+    process: flashinfer only where it imports."""
+    global _TREE_ATTENTION_PATH
+    if _TREE_ATTENTION_PATH is None:
+        from ddtree.attention.flashinfer_tree import MODE_ENV, flashinfer_available, tree_attention_mode
+
+        path = tree_attention_mode()
+        if path == "flashinfer":
+            reason = flashinfer_available()
+            if reason is not None:
+                logger.warning("DDTree tree attention: %s=flashinfer but flashinfer does not import "
+                               "(%s); using the portable path", MODE_ENV, reason)
+                path = "portable"
+        logger.info("DDTree tree attention path: %s", path)
+        _TREE_ATTENTION_PATH = path
+    return _TREE_ATTENTION_PATH
+
+
+def _precompile_flashinfer(model_config) -> None:
+    """JIT-build the FlashInfer variants the target's attention layers will use now (a minute or
+    two when not cached) instead of on the first verify step. Best effort: a variant missed here
+    is built on first use."""
+    if model_config is None:
+        return
+    try:
+        from ddtree.attention.flashinfer_tree import precompile
+
+        head_size = model_config.get_head_size()
+        variants = [(head_size, False)]
+        if model_config.get_sliding_window() is not None:
+            variants.append((head_size, True))
+        t0 = time.perf_counter()
+        precompile(variants, dtype=model_config.dtype)
+        logger.info("DDTree tree attention: FlashInfer kernels ready for %s (%.1f s)", variants,
+                    time.perf_counter() - t0)
+    except Exception as exc:  # never fail startup for a warm-up
+        logger.warning("DDTree tree attention: FlashInfer warm-up skipped (%s: %s)",
+                       type(exc).__name__, exc)
+
+
+def _flashinfer_takes(query: torch.Tensor, kv_cache: torch.Tensor) -> bool:
+    ok = query.dtype in (torch.float16, torch.bfloat16) and kv_cache.dtype == query.dtype
+    if not ok:
+        logger.warning_once("DDTree tree attention: FlashInfer path needs fp16/bf16 query and cache "
+                            "(got %s / %s); this layer uses the portable path", query.dtype,
+                            kv_cache.dtype)
+    return ok
 
 
 def _layer_block_table(step: "TreeVerifyStep", layer) -> torch.Tensor:
@@ -650,6 +719,13 @@ class DDTreeRunnerState:
         self._stats = DDTreeStats()
         logger.info("DDTree tree verify active: budget=%d top_k=%d chain_seed=%s depth=%d",
                     sc.ddtree_budget, sc.ddtree_top_k, sc.ddtree_chain_seed, sc.ddtree_max_depth)
+        # a bad DDTREE_TREE_ATTENTION fails at startup, not mid-step; the FlashInfer workspace is
+        # made now, so that vLLM's memory profile counts it before sizing the KV cache
+        if torch.cuda.is_available() and _tree_attention_path() == "flashinfer":
+            from ddtree.attention.flashinfer_tree import tree_attention_runner
+
+            tree_attention_runner(getattr(runner, "device", None) or "cuda")
+            _precompile_flashinfer(getattr(runner, "model_config", None))
 
     def _forget_trees(self, scheduler_output) -> None:
         """Drop the trees of requests that were preempted or finished (aborts included) since the
@@ -890,10 +966,12 @@ class DDTreeRunnerState:
                 continue
             seen.add(kv_cache.data_ptr())
             if id(plan) not in moves:
-                Q = step.visible.shape[1]
-                pos = step.prefix_lens.to(plan.slots.device)[:, None] + torch.arange(
-                    Q, device=plan.slots.device)[None, :]
-                block_slots = plan.slots.gather(1, pos.clamp(max=plan.slots.shape[1] - 1))
+                block_slots = getattr(plan, "block_slots", None)  # the FlashInfer plan has them
+                if block_slots is None:
+                    Q = step.visible.shape[1]
+                    pos = step.prefix_lens.to(plan.slots.device)[:, None] + torch.arange(
+                        Q, device=plan.slots.device)[None, :]
+                    block_slots = plan.slots.gather(1, pos.clamp(max=plan.slots.shape[1] - 1))
                 moves[id(plan)] = _kv_moves(block_slots, step, acc_dev, nacc_dev, static=True)
             move_paged_kv_rows(kv_cache, *moves[id(plan)])
         # GDN: conv history along the path, recurrent state of the last accepted node -> slot m
