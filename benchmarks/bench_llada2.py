@@ -127,6 +127,10 @@ def main() -> int:
         kw["gpu_memory_utilization"] = a.gpu_memory_utilization
     if a.mini_shaped:
         kw.update(load_format="dummy", skip_tokenizer_init=True)
+    if "cpu" not in dev_dir:
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+        from gpu_llada2_check import llada2_cuda_attention_backend
+        kw["attention_config"] = {"backend": llada2_cuda_attention_backend()}
     if a.cudagraph_capture_sizes and not kw["enforce_eager"]:
         kw["compilation_config"] = {"cudagraph_capture_sizes": a.cudagraph_capture_sizes}
     os.environ["VLLM_LLADA2_THRESHOLD"] = "1.0"  # fixed step count: never early-commit

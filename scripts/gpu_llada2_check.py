@@ -57,6 +57,21 @@ def _device_name(device: str) -> str:
     return f"cpu ({platform.machine()}, {os.cpu_count()} cores)"
 
 
+def llada2_cuda_attention_backend() -> str:
+    """Non-causal blocks need FlashAttention 4 (CuTe DSL, the ``cutlass`` package) under vLLM's
+    FLASH_ATTN backend; the offline bundle does not carry it (the session-4 H100 run failed with
+    ``No module named 'cutlass'``), so use TRITON_ATTN unless FA4 imports
+    (``LLADA2_ATTENTION_BACKEND`` overrides)."""
+    want = os.environ.get("LLADA2_ATTENTION_BACKEND")
+    if want:
+        return want
+    try:
+        import cutlass  # noqa: F401
+        return "FLASH_ATTN"
+    except ImportError:
+        return "TRITON_ATTN"
+
+
 # ------------------------------------------------------------------------------------ parts
 
 
@@ -98,6 +113,7 @@ def part_equality(args) -> dict:
               diffusion_config={"canvas_length": TINY_BLOCK}, enforce_eager=args.eager)
     if args.device == "cuda":
         kw["gpu_memory_utilization"] = 0.25
+        kw["attention_config"] = {"backend": llada2_cuda_attention_backend()}
         if not args.eager:  # steps here are <= 8 requests x 8 tokens
             kw["compilation_config"] = {"cudagraph_capture_sizes": [1, 2, 4, 8, 16, 32, 64]}
     t0 = time.time()
