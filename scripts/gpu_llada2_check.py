@@ -8,7 +8,7 @@ Parts, each in its own process (a fresh engine and a clean GPU each time):
 
 1. ``env``: device, versions, and the vLLM overlays of this checkout on the imported vllm (checked;
    applied first when the installed copy is stale, e.g. a bundle installed before this branch).
-2. ``equality`` float32, eager: the tiny random LLaDA2 (scripts/tiny_llada2.py with head_dim 64,
+2. ``equality`` float32, eager (and again with compile + PIECEWISE CUDA graphs, same gate, on CUDA): the tiny random LLaDA2 (scripts/tiny_llada2.py with head_dim 64,
    peaked logits, made here in seconds) through ``LLM.generate`` vs the plain-torch reference ``generate()`` on the same
    device, token for token, for 12 requests: prompt lengths 1..24 around block 8 (block-aligned and
    not), per-request block length / threshold / max_steps, a stop token, 8 greedy and 4 seeded
@@ -229,6 +229,8 @@ def main() -> int:
     ap.add_argument("--eager", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--skip-bench", action="store_true")
     ap.add_argument("--skip-bf16", action="store_true", help="no bfloat16 equality part")
+    ap.add_argument("--skip-fp32-graphs", action="store_true",
+                    help="no float32 compile + CUDA graphs equality part")
     ap.add_argument("--skip-equality", action="store_true",
                     help="no equality parts (env + bench only: a second device call)")
     ap.add_argument("--budget", type=float, default=None,
@@ -255,7 +257,8 @@ def main() -> int:
     if args.part:
         fn = {"env": part_env, "equality": part_equality}[args.part]
         doc = fn(args)
-        name = args.part if args.part == "env" else f"equality_{args.dtype}"
+        name = args.part if args.part == "env" else f"equality_{args.dtype}" + (
+            "_graphs" if args.dtype == "float32" and not args.eager else "")
         (out / f"{name}.json").write_text(json.dumps(doc, indent=1))
         return 0
 
@@ -276,6 +279,12 @@ def main() -> int:
         parts["equality_float32"] = _run_part(
             "equality_float32", me + ["--part", "equality", "--dtype", "float32", "--eager"], out,
             600 if cpu else 240, deadline, env={"TRITON_F32_DEFAULT": "ieee"})
+    # float32 again with vLLM's compile + PIECEWISE CUDA graphs, same strict gate: separates a
+    # graph/compile defect from bf16 rounding (the bf16 part below changes both at once).
+    if not args.skip_equality and not cpu and not args.skip_fp32_graphs:
+        parts["equality_float32_graphs"] = _run_part(
+            "equality_float32_graphs", me + ["--part", "equality", "--dtype", "float32"], out,
+            240, deadline, env={"TRITON_F32_DEFAULT": "ieee"})
     # bf16 with vLLM's compile + CUDA graphs (eager on CPU, where vLLM has no graphs anyway).
     if not args.skip_bf16:
         parts["equality_bfloat16"] = _run_part(
@@ -309,7 +318,7 @@ def main() -> int:
     lines += ["", "| check | dtype | graphs | equal c=8 | equal c=1 | startup s | verdict |",
               "|---|---|---|---|---|---|---|"]
     ok = bool(env.get("ok"))
-    for key in ("equality_float32", "equality_bfloat16"):
+    for key in ("equality_float32", "equality_float32_graphs", "equality_bfloat16"):
         if key not in parts:
             continue
         r = parts[key].get("result")
