@@ -72,3 +72,23 @@ def test_sampling_settings_mapping(block):
     # below vLLM's greedy cut-off (SamplingParams itself lifts such values to 0.01)
     assert block.sampling_settings(SimpleNamespace(temperature=1e-6, top_k=0, top_p=1.0,
                                                    seed=None)).greedy
+
+
+@pytest.mark.parametrize("fa4", [False, True])
+def test_cuda_backend_without_fa4(block, monkeypatch, fa4):
+    """On CUDA without FlashAttention 4's `cutlass` package the hook picks TRITON_ATTN (vLLM would
+    upgrade FLASH_ATTN to FA4 for a diffusion model and fail at the first forward); with it, the
+    auto-selection stays vLLM's."""
+    from vllm.platforms import current_platform
+    from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+    monkeypatch.setattr(type(current_platform), "is_cuda", lambda self: True)
+    monkeypatch.setattr(block, "_fa4_importable", lambda: fa4)
+    cfg = _config()
+    block.LLaDA2BlockDiffusionConfig.verify_and_update_config(cfg)
+    assert cfg.attention_config.use_non_causal is True
+    assert cfg.attention_config.backend == (None if fa4 else AttentionBackendEnum.TRITON_ATTN)
+    # an explicit choice is never overridden
+    cfg = _config(backend="FLASH_ATTN")
+    block.LLaDA2BlockDiffusionConfig.verify_and_update_config(cfg)
+    assert cfg.attention_config.backend == "FLASH_ATTN"

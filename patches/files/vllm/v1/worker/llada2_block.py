@@ -143,6 +143,13 @@ def request_settings(server: BlockSettings, sampling_params: Any) -> BlockSettin
 # ------------------------------------------------------------------------------ configuration
 
 
+def _fa4_importable() -> bool:
+    """FlashAttention 4 (vllm.vllm_flash_attn.cute) imports the CuTe DSL package ``cutlass``."""
+    import importlib.util
+
+    return importlib.util.find_spec("cutlass") is not None
+
+
 def _configure_attention_and_graphs(vllm_config: "VllmConfig") -> None:
     """GPU settings the block decode needs (no-ops on CPU).
 
@@ -166,6 +173,18 @@ def _configure_attention_and_graphs(vllm_config: "VllmConfig") -> None:
         attention.use_non_causal = True
         logger.info("LLaDA2 block decode: non-causal block attention; attention backend "
                     "auto-selection limited to backends that support it (use_non_causal=True)")
+        if current_platform.is_cuda() and not _fa4_importable():
+            # vLLM upgrades FLASH_ATTN to FlashAttention 4 for diffusion models (per-sequence
+            # causal), and FA4 is CuTe DSL code that imports `cutlass`; its capability check does
+            # not look for it, so without the package the first forward fails deep in the
+            # attention call (seen on an H100 with the offline bundle). Triton attention honours
+            # causal=False and needs nothing extra.
+            from vllm.v1.attention.backends.registry import AttentionBackendEnum
+
+            attention.backend = AttentionBackendEnum.TRITON_ATTN
+            logger.warning("LLaDA2 block decode: FlashAttention 4 (the `cutlass` CuTe DSL "
+                           "package) is not installed; using TRITON_ATTN for the non-causal "
+                           "block attention")
     model_config = vllm_config.model_config
     if model_config is not None and not getattr(model_config, "disable_cascade_attn", True):
         # FlashAttention's cascade path runs the per-request suffix with causal=True.
