@@ -319,7 +319,7 @@ def main() -> int:
         bench = [sys.executable, str(REPO / "benchmarks" / "bench_llada2.py"), "--mini-shaped",
                  "--out", str(out / "bench_mini.json")]
         if args.quick:
-            bench += ["--reduced", "--concurrency", "1", "2", "--prompt-len", "40",
+            bench += ["--reduced", "--repeats", "1", "--concurrency", "1", "2", "--prompt-len", "40",
                       "--max-tokens", "32", "--dtype", "bfloat16"]
         else:
             # 0.85: the decode's logits (up to 1024 rows x 157k vocab, float32 copies) live
