@@ -18,6 +18,10 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+#: Holds the ``sitecustomize`` that arms stack dumps in every Python process of a server (see there).
+STACKDUMP_DIR = REPO / "scripts" / "stackdump"
+#: Set in a server's environment: its Python processes dump all thread stacks to the log on SIGUSR1.
+STACKS_ENV = "DDTREE_STACKS_ON_SIGUSR1"
 
 #: Flags every CPU run of the tiny hybrid target needs (see ../shared/reference/cpu-vllm.md):
 #: language_model_only for the Qwen3.5 layout, eager mode for a fast start, no prefix caching (hybrid
@@ -55,7 +59,41 @@ def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     if extra:
         env.update(extra)
+    if env.get(STACKS_ENV, "1") == "1":
+        # first on the path, so that its sitecustomize is the one Python imports (it chains on)
+        env[STACKS_ENV] = "1"
+        env["PYTHONPATH"] = os.pathsep.join((str(STACKDUMP_DIR), env["PYTHONPATH"]))
     return env
+
+
+def _proc_group_members(pgid: int) -> list[int]:
+    """Live processes of a process group, from /proc (Linux); [] where /proc is missing."""
+    out = []
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        # fields after the parenthesised command: state ppid pgrp ...
+        fields = stat.rsplit(")", 1)[-1].split()
+        if len(fields) > 2 and int(fields[2]) == pgid:
+            out.append(int(d.name))
+    return sorted(out)
+
+
+def _armed_python(pid: int) -> str | None:
+    """The command line of a process that inherited STACKS_ENV and runs Python (so it has the
+    SIGUSR1 handler; SIGUSR1 would kill anything else), else None."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        exe = os.path.basename(os.readlink(f"/proc/{pid}/exe"))
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
+            errors="replace").strip()
+    except OSError:
+        return None
+    if f"{STACKS_ENV}=1".encode() not in environ or not exe.startswith("python"):
+        return None
+    return cmdline
 
 
 def fresh_prometheus_dir() -> str:
@@ -87,9 +125,15 @@ class VllmServer:
         return [*vllm_executable(), "serve", self.model, "--host", "127.0.0.1",
                 "--port", str(self.port), *self.args]
 
-    def start(self, timeout: float = 300.0) -> "VllmServer":
+    def start(self, timeout: float = 300.0, health_path: str = "/health") -> "VllmServer":
+        """Start and wait until ``health_path`` answers 200. On a timeout, every Python process of
+        the server first dumps its thread stacks into the log (``dump_stacks``), then it is
+        stopped and TimeoutError raised with the log's tail."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "wb")
+        # append mode: the server's processes and our own notes (dump_stacks) never overwrite
+        # each other in the shared log
+        open(self.log_path, "wb").close()
+        log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
                                      env=self.env, start_new_session=True, cwd=REPO)
         deadline = time.monotonic() + timeout
@@ -98,14 +142,46 @@ class VllmServer:
                 raise RuntimeError(f"vllm serve exited with {self.proc.returncode} before it was "
                                    f"ready; log tail:\n{self.log_tail()}")
             try:
-                with urllib.request.urlopen(self.base_url + "/health", timeout=2) as r:
+                with urllib.request.urlopen(self.base_url + health_path, timeout=2) as r:
                     if r.status == 200:
                         return self
             except OSError:
                 pass
             time.sleep(1.0)
+        dumped = self.dump_stacks()
         self.stop()
-        raise TimeoutError(f"vllm serve not ready after {timeout:.0f}s; log tail:\n{self.log_tail()}")
+        raise TimeoutError(f"vllm serve not ready after {timeout:.0f}s (stacks of {len(dumped)} "
+                           f"processes dumped into {self.log_path}); log tail:\n{self.log_tail()}")
+
+    def note(self, text: str) -> None:
+        """Append a line of our own to the server log."""
+        with open(self.log_path, "ab") as f:
+            f.write(f"[servertools {time.strftime('%H:%M:%S')}] {text}\n".encode())
+
+    def dump_stacks(self, settle: float = 2.0) -> list[int]:
+        """Ask every armed Python process of the server (its process group) to write all thread
+        stacks into the log, one process at a time under a header naming it; returns their pids.
+        Needs the server started with stack dumps armed (the default of ``server_env``)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return []
+        if self.env.get(STACKS_ENV) != "1":
+            self.note(f"no stack dump: {STACKS_ENV} is off for this server")
+            return []
+        dumped = []
+        for pid in _proc_group_members(self.proc.pid) or [self.proc.pid]:
+            cmdline = _armed_python(pid)
+            if cmdline is None:
+                continue
+            self.note(f"stacks of pid {pid} ({cmdline[:300]}) follow")
+            try:
+                os.kill(pid, signal.SIGUSR1)
+            except ProcessLookupError:
+                continue
+            dumped.append(pid)
+            time.sleep(settle / 4)  # one process's dump at a time, so the log stays readable
+        time.sleep(settle)
+        self.note(f"end of stack dumps ({len(dumped)} processes)")
+        return dumped
 
     def stop(self, grace: float = 30.0) -> int | None:
         if self.proc is None or self.proc.poll() is not None:

@@ -1,0 +1,51 @@
+"""Stack dumps on demand for every Python process of a served engine (API server, engine core,
+workers), so that a start-up that hangs can be seen from its log.
+
+``scripts/servertools.py`` puts this folder first on ``PYTHONPATH`` of the ``vllm serve`` it starts
+and sets ``DDTREE_STACKS_ON_SIGUSR1=1``. Python imports ``sitecustomize`` in every interpreter it
+starts (also the ones vLLM spawns), so each of them registers a C-level faulthandler for SIGUSR1:
+all threads' Python stacks go to the process's stderr (fd 2, the server log) even while the main
+thread is stuck inside a long C call (a kernel compile, a device sync), where a Python-level signal
+handler would never run. ``DDTREE_STACKS_EVERY_S=N`` additionally dumps every N seconds (a timeline
+of where a slow start spends its time).
+
+Without ``DDTREE_STACKS_ON_SIGUSR1`` this module only hands over to the next ``sitecustomize`` on
+``sys.path`` (Debian/Ubuntu ship one), which it always does, so shadowing it changes nothing else.
+"""
+
+import os
+import sys
+
+
+def _register() -> None:
+    import faulthandler
+    import signal
+
+    if os.environ.get("DDTREE_STACKS_ON_SIGUSR1") == "1" and hasattr(signal, "SIGUSR1"):
+        faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True, chain=False)
+    every = os.environ.get("DDTREE_STACKS_EVERY_S")
+    if every:
+        faulthandler.dump_traceback_later(float(every), repeat=True, file=sys.stderr)
+
+
+def _chain_next_sitecustomize() -> None:
+    import importlib.machinery
+    import importlib.util
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    rest = [p for p in sys.path if os.path.abspath(p or os.curdir) != here]
+    spec = importlib.machinery.PathFinder.find_spec("sitecustomize", rest)
+    if spec is None or spec.loader is None:
+        return
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+
+try:
+    _register()
+except Exception as exc:  # a diagnostics aid must never stop an interpreter from starting
+    print(f"ddtree stack dumps not armed: {type(exc).__name__}: {exc}", file=sys.stderr)
+try:
+    _chain_next_sitecustomize()
+except Exception:
+    pass
