@@ -22,6 +22,8 @@ REPO = Path(__file__).resolve().parent.parent
 STACKDUMP_DIR = REPO / "scripts" / "stackdump"
 #: Set in a server's environment: its Python processes dump all thread stacks to the log on SIGUSR1.
 STACKS_ENV = "DDTREE_STACKS_ON_SIGUSR1"
+#: A folder where each armed process leaves a file named by its pid.
+STACKS_REGISTRY_ENV = "DDTREE_STACKS_REGISTRY"
 
 #: Flags every CPU run of the tiny hybrid target needs (see ../shared/reference/cpu-vllm.md):
 #: language_model_only for the Qwen3.5 layout, eager mode for a fast start, no prefix caching (hybrid
@@ -56,6 +58,10 @@ def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env.setdefault("TRANSFORMERS_OFFLINE", "1")
     env.setdefault("VLLM_NO_USAGE_STATS", "1")
     env.setdefault("VLLM_CACHE_ROOT", str(REPO / "build" / "vllm-cache"))
+    # Triton prints one line per autotuned kernel with the seconds its tuning took: on a GPU host
+    # with a cold cache the FLA (GDN prefill) autotuning inside vLLM's profile run takes minutes,
+    # and this is how the server log shows it (docs/ddtree-vllm.md, "Server start-up time")
+    env.setdefault("TRITON_PRINT_AUTOTUNING", "1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     if extra:
         env.update(extra)
@@ -81,21 +87,6 @@ def _proc_group_members(pgid: int) -> list[int]:
     return sorted(out)
 
 
-def _armed_python(pid: int) -> str | None:
-    """The command line of a process that inherited STACKS_ENV and runs Python (so it has the
-    SIGUSR1 handler; SIGUSR1 would kill anything else), else None."""
-    try:
-        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        exe = os.path.basename(os.readlink(f"/proc/{pid}/exe"))
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
-            errors="replace").strip()
-    except OSError:
-        return None
-    if f"{STACKS_ENV}=1".encode() not in environ or not exe.startswith("python"):
-        return None
-    return cmdline
-
-
 def fresh_prometheus_dir() -> str:
     """A new PROMETHEUS_MULTIPROC_DIR, so the engine core's metrics (DDTree's among them) reach
     the API server's /metrics."""
@@ -115,6 +106,9 @@ class VllmServer:
         self.env = server_env(env)
         if not (env and "PROMETHEUS_MULTIPROC_DIR" in env):
             self.env["PROMETHEUS_MULTIPROC_DIR"] = fresh_prometheus_dir()
+        if self.env.get(STACKS_ENV) == "1":
+            import tempfile
+            self.env[STACKS_REGISTRY_ENV] = tempfile.mkdtemp(prefix="vllm-stacks-")
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -167,11 +161,17 @@ class VllmServer:
         if self.env.get(STACKS_ENV) != "1":
             self.note(f"no stack dump: {STACKS_ENV} is off for this server")
             return []
+        registry = Path(self.env[STACKS_REGISTRY_ENV])
+        armed = {int(f.name) for f in registry.iterdir() if f.name.isdigit()}
+        members = _proc_group_members(self.proc.pid)
         dumped = []
-        for pid in _proc_group_members(self.proc.pid) or [self.proc.pid]:
-            cmdline = _armed_python(pid)
-            if cmdline is None:
-                continue
+        # only processes of this server (its process group, where /proc tells) that armed the handler
+        for pid in sorted(armed & set(members) if members else armed):
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+                cmdline = cmdline.decode(errors="replace").strip()
+            except OSError:
+                cmdline = (registry / str(pid)).read_text(errors="replace")
             self.note(f"stacks of pid {pid} ({cmdline[:300]}) follow")
             try:
                 os.kill(pid, signal.SIGUSR1)

@@ -6,8 +6,11 @@ and sets ``DDTREE_STACKS_ON_SIGUSR1=1``. Python imports ``sitecustomize`` in eve
 starts (also the ones vLLM spawns), so each of them registers a C-level faulthandler for SIGUSR1:
 all threads' Python stacks go to the process's stderr (fd 2, the server log) even while the main
 thread is stuck inside a long C call (a kernel compile, a device sync), where a Python-level signal
-handler would never run. ``DDTREE_STACKS_EVERY_S=N`` additionally dumps every N seconds (a timeline
-of where a slow start spends its time).
+handler would never run. Each armed process also leaves a file named by its pid in
+``DDTREE_STACKS_REGISTRY`` (a folder servertools made), so that exactly these processes are signalled
+(SIGUSR1 would kill any other; vLLM renames its processes with setproctitle, which also hides their
+environment from /proc, so the registry is the reliable way to know). ``DDTREE_STACKS_EVERY_S=N``
+additionally dumps every N seconds (a timeline of where a slow start spends its time).
 
 Without ``DDTREE_STACKS_ON_SIGUSR1`` this module only hands over to the next ``sitecustomize`` on
 ``sys.path`` (Debian/Ubuntu ship one), which it always does, so shadowing it changes nothing else.
@@ -23,6 +26,18 @@ def _register() -> None:
 
     if os.environ.get("DDTREE_STACKS_ON_SIGUSR1") == "1" and hasattr(signal, "SIGUSR1"):
         faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True, chain=False)
+        registry = os.environ.get("DDTREE_STACKS_REGISTRY")
+        if registry and os.path.isdir(registry):
+            def enrol() -> None:
+                try:
+                    with open(os.path.join(registry, str(os.getpid())), "w") as f:
+                        f.write(" ".join(sys.argv)[:500])
+                except OSError:
+                    pass
+
+            enrol()
+            # a forked child keeps the handler (and needs no import): enrol it as well
+            os.register_at_fork(after_in_child=enrol)
     every = os.environ.get("DDTREE_STACKS_EVERY_S")
     if every:
         faulthandler.dump_traceback_later(float(every), repeat=True, file=sys.stderr)

@@ -106,8 +106,9 @@ def test_real_server_engine_core_stacks_land_in_log(log_dir):
         server.stop()
     text = log.read_text(errors="replace")
     assert len(pids) >= 2, text[-4000:]
-    # the engine core process (its busy loop lives in vllm/v1/engine/core.py) dumped its threads
+    # the engine core process (renamed VLLM::EngineCore by vLLM; its busy loop lives in
+    # vllm/v1/engine/core.py) dumped its own threads under its header
     dumps = text.split("[servertools ")
-    engine = [d for d in dumps if "vllm/v1/engine/core.py" in d]
+    engine = [d for d in dumps if "VLLM::EngineCore" in d.split("\n", 1)[0]]
     assert engine, text[-6000:]
-    assert "most recent call first" in engine[0]
+    assert "most recent call first" in engine[0] and "vllm/v1/engine/core.py" in engine[0], engine[0]
