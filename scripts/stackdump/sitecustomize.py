@@ -10,7 +10,9 @@ handler would never run. Each armed process also leaves a file named by its pid 
 ``DDTREE_STACKS_REGISTRY`` (a folder servertools made), so that exactly these processes are signalled
 (SIGUSR1 would kill any other; vLLM renames its processes with setproctitle, which also hides their
 environment from /proc, so the registry is the reliable way to know). ``DDTREE_STACKS_EVERY_S=N``
-additionally dumps every N seconds (a timeline of where a slow start spends its time).
+additionally dumps every N seconds (a timeline of where a slow start spends its time), for the first
+``DDTREE_STACKS_FOR_S`` seconds of the process (default 600), so a long benchmark after the start
+does not fill the log.
 
 Without ``DDTREE_STACKS_ON_SIGUSR1`` this module only hands over to the next ``sitecustomize`` on
 ``sys.path`` (Debian/Ubuntu ship one), which it always does, so shadowing it changes nothing else.
@@ -40,7 +42,13 @@ def _register() -> None:
             os.register_at_fork(after_in_child=enrol)
     every = os.environ.get("DDTREE_STACKS_EVERY_S")
     if every:
+        import threading
+
         faulthandler.dump_traceback_later(float(every), repeat=True, file=sys.stderr)
+        stop = threading.Timer(float(os.environ.get("DDTREE_STACKS_FOR_S", "600")),
+                               faulthandler.cancel_dump_traceback_later)
+        stop.daemon = True
+        stop.start()
 
 
 def _chain_next_sitecustomize() -> None:

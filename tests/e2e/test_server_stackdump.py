@@ -112,3 +112,17 @@ def test_real_server_engine_core_stacks_land_in_log(log_dir):
     engine = [d for d in dumps if "VLLM::EngineCore" in d.split("\n", 1)[0]]
     assert engine, text[-6000:]
     assert "most recent call first" in engine[0] and "vllm/v1/engine/core.py" in engine[0], engine[0]
+
+
+def test_periodic_dumps_stop_after_their_window(tmp_path):
+    """DDTREE_STACKS_EVERY_S dumps repeatedly, and only for DDTREE_STACKS_FOR_S seconds."""
+    import os
+    import subprocess
+
+    env = dict(os.environ, PYTHONPATH=str(servertools.STACKDUMP_DIR), DDTREE_STACKS_EVERY_S="0.3",
+               DDTREE_STACKS_FOR_S="1.0")
+    env.pop(STACKS_ENV, None)
+    p = subprocess.run([sys.executable, "-c", "import time\ndef waiting_here():\n    time.sleep(3)\n"
+                        "waiting_here()"], env=env, capture_output=True, text=True, timeout=60)
+    dumps = p.stderr.count("waiting_here")
+    assert 2 <= dumps <= 4, p.stderr  # ~3 in the first second, none in the two after
