@@ -18,6 +18,12 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+#: Holds the ``sitecustomize`` that arms stack dumps in every Python process of a server (see there).
+STACKDUMP_DIR = REPO / "scripts" / "stackdump"
+#: Set in a server's environment: its Python processes dump all thread stacks to the log on SIGUSR1.
+STACKS_ENV = "DDTREE_STACKS_ON_SIGUSR1"
+#: A folder where each armed process leaves a file named by its pid.
+STACKS_REGISTRY_ENV = "DDTREE_STACKS_REGISTRY"
 
 #: Flags every CPU run of the tiny hybrid target needs (see ../shared/reference/cpu-vllm.md):
 #: language_model_only for the Qwen3.5 layout, eager mode for a fast start, no prefix caching (hybrid
@@ -52,10 +58,33 @@ def server_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env.setdefault("TRANSFORMERS_OFFLINE", "1")
     env.setdefault("VLLM_NO_USAGE_STATS", "1")
     env.setdefault("VLLM_CACHE_ROOT", str(REPO / "build" / "vllm-cache"))
+    # Triton prints one line per autotuned kernel with the seconds its tuning took: on a GPU host
+    # with a cold cache the FLA (GDN prefill) autotuning inside vLLM's profile run takes minutes,
+    # and this is how the server log shows it (docs/ddtree-vllm.md, "Server start-up time")
+    env.setdefault("TRITON_PRINT_AUTOTUNING", "1")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     if extra:
         env.update(extra)
+    if env.get(STACKS_ENV, "1") == "1":
+        # first on the path, so that its sitecustomize is the one Python imports (it chains on)
+        env[STACKS_ENV] = "1"
+        env["PYTHONPATH"] = os.pathsep.join((str(STACKDUMP_DIR), env["PYTHONPATH"]))
     return env
+
+
+def _proc_group_members(pgid: int) -> list[int]:
+    """Live processes of a process group, from /proc (Linux); [] where /proc is missing."""
+    out = []
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (d / "stat").read_text()
+        except OSError:
+            continue
+        # fields after the parenthesised command: state ppid pgrp ...
+        fields = stat.rsplit(")", 1)[-1].split()
+        if len(fields) > 2 and int(fields[2]) == pgid:
+            out.append(int(d.name))
+    return sorted(out)
 
 
 def fresh_prometheus_dir() -> str:
@@ -77,6 +106,9 @@ class VllmServer:
         self.env = server_env(env)
         if not (env and "PROMETHEUS_MULTIPROC_DIR" in env):
             self.env["PROMETHEUS_MULTIPROC_DIR"] = fresh_prometheus_dir()
+        if self.env.get(STACKS_ENV) == "1":
+            import tempfile
+            self.env[STACKS_REGISTRY_ENV] = tempfile.mkdtemp(prefix="vllm-stacks-")
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -87,9 +119,15 @@ class VllmServer:
         return [*vllm_executable(), "serve", self.model, "--host", "127.0.0.1",
                 "--port", str(self.port), *self.args]
 
-    def start(self, timeout: float = 300.0) -> "VllmServer":
+    def start(self, timeout: float = 300.0, health_path: str = "/health") -> "VllmServer":
+        """Start and wait until ``health_path`` answers 200. On a timeout, every Python process of
+        the server first dumps its thread stacks into the log (``dump_stacks``), then it is
+        stopped and TimeoutError raised with the log's tail."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_path, "wb")
+        # append mode: the server's processes and our own notes (dump_stacks) never overwrite
+        # each other in the shared log
+        open(self.log_path, "wb").close()
+        log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT,
                                      env=self.env, start_new_session=True, cwd=REPO)
         deadline = time.monotonic() + timeout
@@ -98,14 +136,52 @@ class VllmServer:
                 raise RuntimeError(f"vllm serve exited with {self.proc.returncode} before it was "
                                    f"ready; log tail:\n{self.log_tail()}")
             try:
-                with urllib.request.urlopen(self.base_url + "/health", timeout=2) as r:
+                with urllib.request.urlopen(self.base_url + health_path, timeout=2) as r:
                     if r.status == 200:
                         return self
             except OSError:
                 pass
             time.sleep(1.0)
+        dumped = self.dump_stacks()
         self.stop()
-        raise TimeoutError(f"vllm serve not ready after {timeout:.0f}s; log tail:\n{self.log_tail()}")
+        raise TimeoutError(f"vllm serve not ready after {timeout:.0f}s (stacks of {len(dumped)} "
+                           f"processes dumped into {self.log_path}); log tail:\n{self.log_tail()}")
+
+    def note(self, text: str) -> None:
+        """Append a line of our own to the server log."""
+        with open(self.log_path, "ab") as f:
+            f.write(f"[servertools {time.strftime('%H:%M:%S')}] {text}\n".encode())
+
+    def dump_stacks(self, settle: float = 2.0) -> list[int]:
+        """Ask every armed Python process of the server (its process group) to write all thread
+        stacks into the log, one process at a time under a header naming it; returns their pids.
+        Needs the server started with stack dumps armed (the default of ``server_env``)."""
+        if self.proc is None or self.proc.poll() is not None:
+            return []
+        if self.env.get(STACKS_ENV) != "1":
+            self.note(f"no stack dump: {STACKS_ENV} is off for this server")
+            return []
+        registry = Path(self.env[STACKS_REGISTRY_ENV])
+        armed = {int(f.name) for f in registry.iterdir() if f.name.isdigit()}
+        members = _proc_group_members(self.proc.pid)
+        dumped = []
+        # only processes of this server (its process group, where /proc tells) that armed the handler
+        for pid in sorted(armed & set(members) if members else armed):
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+                cmdline = cmdline.decode(errors="replace").strip()
+            except OSError:
+                cmdline = (registry / str(pid)).read_text(errors="replace")
+            self.note(f"stacks of pid {pid} ({cmdline[:300]}) follow")
+            try:
+                os.kill(pid, signal.SIGUSR1)
+            except ProcessLookupError:
+                continue
+            dumped.append(pid)
+            time.sleep(settle / 4)  # one process's dump at a time, so the log stays readable
+        time.sleep(settle)
+        self.note(f"end of stack dumps ({len(dumped)} processes)")
+        return dumped
 
     def stop(self, grace: float = 30.0) -> int | None:
         if self.proc is None or self.proc.poll() is not None:
