@@ -33,11 +33,14 @@ PROMPT_LENGTHS = [230, 220, 210, 200, 190, 180]
 MAX_TOKENS = 64
 BUDGET = 8
 # The pair's hybrid pages hold 256 tokens of attention KV (vLLM grows the attention block until its
-# page is as large as a GDN state page). A tree request holds budget + 1 GDN state pages in each of
-# its 2 GDN layer groups (2 x 9) plus 1 attention page while it is under 256 tokens: 19 pages. 39
-# blocks = vLLM's null block + 2 x 19, so exactly two requests run at once and each one that grows
-# past 256 tokens (prompt 180..230 + 64 tokens + the budget's lookahead) preempts the other.
-PREEMPT_BLOCKS = 39
+# page is as large as a GDN state page). vLLM groups the KV-cache layers by type with one group size:
+# the target's 6 GDN layers and 5 full-attention layers (2 target + 3 drafter) make one group of 6
+# each (the attention group padded by one layer). A tree request holds budget + 1 GDN state pages
+# (9) plus 1 attention page while it is under 256 tokens: 10 pages. 21 blocks = vLLM's null block +
+# 2 x 10, so exactly two requests run at once and each one that grows past 256 tokens (prompt
+# 180..230 + 64 tokens + the budget's lookahead) preempts the other. (With the 2-layer drafter the
+# groups were 4 wide: 2 GDN groups, 19 pages a request, 39 blocks.)
+PREEMPT_BLOCKS = 21
 TREE_SPEC = {"method": "dflash_ddtree", "model": str(PAIR / "drafter"), "ddtree_budget": BUDGET,
              "ddtree_top_k": 4,
              # best-first without the chain seed: at budget 8 the seed would fill the tree with the
