@@ -140,6 +140,18 @@ def _counters(llm) -> dict[str, float]:
 # (shared by gpu_ddtree_v2_check.py and gpu_ddtree_profile.py)
 
 
+def greedy_equality(ref_outputs: list[dict], outputs: list[dict]) -> dict:
+    """A mode's greedy outputs against the target's under the team rule (tests/support/equality.py):
+    identical requests, requests that left the target only at a bf16 tie, and the failures."""
+    from tests.support.equality import compare_greedy
+
+    verdicts = [compare_greedy(r["tokens"], r["top2"], o["tokens"])
+                for r, o in zip(ref_outputs, outputs)]
+    return {"equal": sum(v.ok and v.identical for v in verdicts),
+            "tie_divergences": sum(v.ok and not v.identical for v in verdicts),
+            "failures": [v.detail for v in verdicts if not v.ok]}
+
+
 def child_env(**extra: str) -> dict[str, str]:
     """Environment of a mode's engine process: this checkout importable, unbuffered output."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
@@ -198,7 +210,6 @@ def main() -> int:
         print("RESULT " + json.dumps(run_one(cfg)), flush=True)
         return 0
 
-    from tests.support.equality import compare_greedy
 
     args.out.mkdir(parents=True, exist_ok=True)
     n_eq, eq_tokens, speed_tokens = (4, 16, 16) if args.quick else (20, 64, 128)
@@ -236,11 +247,7 @@ def main() -> int:
         if mode == "target":
             ref = res
         else:
-            verdicts = [compare_greedy(r["tokens"], r["top2"], o["tokens"])
-                        for r, o in zip(ref["outputs"], res["outputs"])]
-            rec["equal"] = sum(v.ok and v.identical for v in verdicts)
-            rec["tie_divergences"] = sum(v.ok and not v.identical for v in verdicts)
-            rec["failures"] = [v.detail for v in verdicts if not v.ok]
+            rec.update(greedy_equality(ref["outputs"], res["outputs"]))
         report["modes"][mode] = rec
         report["device"] = res.get("device")
         (args.out / "ddtree_gpu.json").write_text(json.dumps(report, indent=2))

@@ -42,8 +42,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from gpu_ddtree_check import (_counters, _tree_stats, child_env, oracle_env,  # noqa: E402
-                              prompts_for, run_mode_process)
+from gpu_ddtree_check import (_counters, _tree_stats, child_env, greedy_equality,  # noqa: E402
+                              oracle_env, prompts_for, run_mode_process)
 
 FALLBACK_LOG = "tree verify is not available here"
 ALL_MODES = "target,dflash,ddtree,ddtree-oracle,ddtree-logprobs,ddtree-fallback,ddtree-graphs"
@@ -192,7 +192,6 @@ def main() -> int:
         print("RESULT " + json.dumps(run_one(cfg)), flush=True)
         return 0
 
-    from tests.support.equality import compare_greedy
 
     t_start = time.monotonic()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -250,11 +249,7 @@ def main() -> int:
         if mode == "target":
             ref = res
         else:
-            verdicts = [compare_greedy(r["tokens"], r["top2"], o["tokens"])
-                        for r, o in zip(ref["outputs"], res["outputs"])]
-            rec["equal"] = sum(v.ok and v.identical for v in verdicts)
-            rec["tie_divergences"] = sum(v.ok and not v.identical for v in verdicts)
-            rec["failures"] = [v.detail for v in verdicts if not v.ok]
+            rec.update(greedy_equality(ref["outputs"], res["outputs"]))
             checks["greedy_equal"] = not rec["failures"]
             if base.get("logprobs"):
                 rec["logprobs_vs_target"] = logprob_agreement(ref["outputs"], res["outputs"])

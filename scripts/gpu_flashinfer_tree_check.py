@@ -245,9 +245,9 @@ def _time_shape(runner, causal, batch: int, prefix: int, budget: int, reps: int)
 
 
 def end_to_end(out: Path, models: Path, quick: bool, with_portable: bool = False) -> dict:
-    from gpu_ddtree_check import child_env, mode_configs, prompts_for, run_mode_process
+    from gpu_ddtree_check import (child_env, greedy_equality, mode_configs, prompts_for,
+                                  run_mode_process)
 
-    from tests.support.equality import compare_greedy
 
     script = str(REPO / "scripts" / "gpu_ddtree_check.py")
     n_eq, eq_tokens = (4, 24) if quick else (12, 48)
@@ -276,11 +276,7 @@ def end_to_end(out: Path, models: Path, quick: bool, with_portable: bool = False
         if mode == "target":
             ref = res
         else:
-            verdicts = [compare_greedy(r["tokens"], r["top2"], o["tokens"])
-                        for r, o in zip(ref["outputs"], res["outputs"])]
-            rec["equal"] = sum(v.ok and v.identical for v in verdicts)
-            rec["tie_divergences"] = sum(v.ok and not v.identical for v in verdicts)
-            rec["failures"] = [v.detail for v in verdicts if not v.ok]
+            rec.update(greedy_equality(ref["outputs"], res["outputs"]))
             text = log.read_text(errors="replace")
             rec["flashinfer_path_logged"] = PATH_LOG_LINE in text
             rec["tree_steps"] = (res.get("ddtree_counters") or {}).get("steps", 0)
