@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ddtree.tree.flatten import ancestor_mask_from_parents
+
 
 def naive_visibility(visible: torch.Tensor, depths: torch.Tensor, prefix_len: int, q_len: int,
                      window: int | None) -> np.ndarray:
@@ -181,14 +183,8 @@ def random_tree(n: int, g: torch.Generator, chain_bias: float = 0.5):
             parents.append(i - 1)
         else:
             parents.append(int(torch.randint(0, i, (1,), generator=g)))
-    vis = torch.zeros(n, n, dtype=torch.bool)
-    depth = torch.zeros(n, dtype=torch.long)
-    for i in range(n):
-        vis[i, i] = True
-        if parents[i] >= 0:
-            vis[i, :i] |= vis[parents[i], :i]
-            depth[i] = depth[parents[i]] + 1
-    return vis, depth
+    vis = ancestor_mask_from_parents(torch.tensor([parents]), max_depth=n)[0]
+    return vis, vis.sum(1) - 1  # a node's depth = its number of ancestors
 
 
 def random_tree_step(seed: int, prefixes, q_lens, block_size: int, contiguous: bool = True,
