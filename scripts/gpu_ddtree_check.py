@@ -33,6 +33,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
+from gpu_share import engine_memory_kwargs, gpu_shared  # noqa: E402
+
 ORACLE_HOOK = "tests.support.oracle_drafter:draft_logits"
 
 
@@ -66,7 +68,7 @@ def run_one(cfg: dict) -> dict:
     llm = LLM(model=cfg["model"], enforce_eager=not cfg.get("graphs"), max_model_len=2048,
               language_model_only=True, enable_prefix_caching=False, seed=0, max_num_seqs=8,
               speculative_config=cfg.get("spec"), disable_log_stats=False,
-              logprobs_mode="processed_logits", max_logprobs=4, gpu_memory_utilization=0.5,
+              logprobs_mode="processed_logits", max_logprobs=4, **engine_memory_kwargs(0.5),
               additional_config={"gdn_prefill_backend": os.environ.get("GDN_PREFILL", "triton")})
     startup_s = time.monotonic() - t0
 
@@ -109,8 +111,9 @@ def run_one(cfg: dict) -> dict:
     speed["acceptance_length"] = round(1 + accepted / drafts, 3) if drafts else None
     tree = _tree_stats(llm)
     return {"outputs": result, "startup_s": round(startup_s, 1), "equality_batch_s": round(eq_s, 2),
-            "speed": speed, "equality_acceptance_length": eq_al, "ddtree_counters": tree, "device": torch.cuda.get_device_name()
-            if torch.cuda.is_available() else "cpu"}
+            "speed": speed, "equality_acceptance_length": eq_al, "ddtree_counters": tree,
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "gpu_shared": gpu_shared()}
 
 
 def _tree_stats(llm) -> dict:

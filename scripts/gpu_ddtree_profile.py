@@ -38,6 +38,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
+from gpu_share import engine_memory_kwargs  # noqa: E402
+
 from gpu_ddtree_check import (_tree_stats, child_env, mode_configs, prompts_for,  # noqa: E402
                               run_mode_process)
 
@@ -168,7 +170,7 @@ def run_child(cfg: dict) -> dict:
     if cfg.get("spec") and cfg["spec"].get("method") == "dflash_ddtree":
         _wrap_glue()
     t0 = time.monotonic()
-    kwargs = dict(gpu_memory_utilization=0.5) if cuda else {}
+    kwargs = engine_memory_kwargs(0.5) if cuda else {}
     llm = LLM(model=cfg["model"], enforce_eager=True, max_model_len=2048, language_model_only=True,
               enable_prefix_caching=False, seed=0, max_num_seqs=8, speculative_config=cfg.get("spec"),
               disable_log_stats=True, **kwargs)

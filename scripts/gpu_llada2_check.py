@@ -46,6 +46,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
+from gpu_share import engine_memory_kwargs  # noqa: E402
+
 TINY_BLOCK = 8
 
 
@@ -112,7 +114,7 @@ def part_equality(args) -> dict:
     kw = dict(model=str(model), dtype=args.dtype, max_model_len=512, seed=0, max_num_seqs=8,
               diffusion_config={"canvas_length": TINY_BLOCK}, enforce_eager=args.eager)
     if args.device == "cuda":
-        kw["gpu_memory_utilization"] = 0.25
+        kw.update(engine_memory_kwargs(0.25))
         kw["attention_config"] = {"backend": llada2_cuda_attention_backend()}
         if not args.eager:  # steps here are <= 8 requests x 8 tokens
             kw["compilation_config"] = {"cudagraph_capture_sizes": [1, 2, 4, 8, 16, 32, 64]}
@@ -261,6 +263,9 @@ def main() -> int:
     ap.add_argument("--budget", type=float, default=None,
                     help="seconds for everything (default 560 on cuda, 2400 on cpu); parts that "
                          "would run past it are cut and reported")
+    ap.add_argument("--part-timeout", type=float, default=None,
+                    help="seconds for each equality part instead of the defaults (240 on cuda): "
+                         "more when the GPU is shared with other jobs (scripts/gpu_jobs.sh)")
     args = ap.parse_args()
     if args.device is None:
         import torch
@@ -303,18 +308,18 @@ def main() -> int:
     else:
         parts["equality_float32"] = _run_part(
             "equality_float32", me + ["--part", "equality", "--dtype", "float32", "--eager"], out,
-            600 if cpu else 240, deadline, env={"TRITON_F32_DEFAULT": "ieee"})
+            args.part_timeout or (600 if cpu else 240), deadline, env={"TRITON_F32_DEFAULT": "ieee"})
     # float32 again with vLLM's compile + PIECEWISE CUDA graphs, same strict gate: separates a
     # graph/compile defect from bf16 rounding (the bf16 part below changes both at once).
     if not args.skip_equality and not cpu and not args.skip_fp32_graphs:
         parts["equality_float32_graphs"] = _run_part(
             "equality_float32_graphs", me + ["--part", "equality", "--dtype", "float32"], out,
-            240, deadline, env={"TRITON_F32_DEFAULT": "ieee"})
+            args.part_timeout or 240, deadline, env={"TRITON_F32_DEFAULT": "ieee"})
     # bf16 with vLLM's compile + CUDA graphs (eager on CPU, where vLLM has no graphs anyway).
     if not args.skip_bf16:
         parts["equality_bfloat16"] = _run_part(
             "equality_bfloat16", me + ["--part", "equality", "--dtype", "bfloat16"]
-            + (["--eager"] if cpu else []), out, 600 if cpu else 240, deadline)
+            + (["--eager"] if cpu else []), out, args.part_timeout or (600 if cpu else 240), deadline)
     if not args.skip_bench:
         bench = [sys.executable, str(REPO / "benchmarks" / "bench_llada2.py"), "--mini-shaped",
                  "--out", str(out / "bench_mini.json")]
