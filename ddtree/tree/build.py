@@ -101,7 +101,9 @@ def prepare_build_inputs(
     # Scores must not grow along a path (log-probs <= 0); +0.0 keeps -0.0 from splitting exact ties.
     logq = logq.clamp(max=0.0) + 0.0
     _require(isinstance(root_token_ids, torch.Tensor) and root_token_ids.dim() == 1
-             and root_token_ids.shape[0] == B, "root_token_ids", f"expected a [{B}] tensor")
+             and root_token_ids.shape[0] == B, "root_token_ids",
+             f"expected a [{B}] tensor, got "
+             f"{tuple(root_token_ids.shape) if isinstance(root_token_ids, torch.Tensor) else type(root_token_ids).__name__}")
     root = root_token_ids.to(device=logq.device, dtype=torch.long)
     if depth_limit is None:
         limit = torch.full((B,), L, dtype=torch.long, device=logq.device)

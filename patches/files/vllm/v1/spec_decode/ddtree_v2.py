@@ -45,6 +45,30 @@ def attach_ddtree_v2(runner) -> None:
 # ----------------------------------------------------------------------------- speculator
 
 
+def tree_roots(num_sampled: torch.Tensor, last_sampled: torch.Tensor,
+               next_prefill_tokens: torch.Tensor, idx_mapping: torch.Tensor,
+               num_reqs: int) -> torch.Tensor:
+    """The root token of each request's next tree, ``[num_reqs]`` long: the last committed token,
+    or for a request still in prefill (nothing sampled) the next prompt token.
+
+    V2's request state keeps the last sampled token as a ``[max_num_reqs, 1]`` column
+    (``RequestState.last_sampled_tokens``) but the next prefill token as ``[max_num_reqs]``:
+    indexing both by the batch's state rows and mixing them in ``torch.where`` would broadcast
+    to ``[num_reqs, num_reqs]``, so the column is taken explicitly. A last-sampled buffer of any
+    other layout is refused here rather than guessed at."""
+    if last_sampled.dim() == 2 and last_sampled.shape[1] == 1:
+        last_sampled = last_sampled[:, 0]
+    elif last_sampled.dim() != 1:
+        raise ValueError(f"last_sampled: expected a [max_num_reqs] or [max_num_reqs, 1] tensor, "
+                         f"got {tuple(last_sampled.shape)}")
+    if next_prefill_tokens.dim() != 1:
+        raise ValueError(f"next_prefill_tokens: expected a [max_num_reqs] tensor, "
+                         f"got {tuple(next_prefill_tokens.shape)}")
+    idx = idx_mapping[:num_reqs].long()
+    return torch.where(num_sampled[:num_reqs] > 0, last_sampled[idx].long(),
+                       next_prefill_tokens[idx].long())
+
+
 class DDTreeSpeculator(DFlashSpeculator):
     """DFlash drafter pass (``ddtree_max_depth`` positions) -> a draft tree per request."""
 
@@ -109,10 +133,8 @@ class DDTreeSpeculator(DFlashSpeculator):
         depth = self.num_speculative_steps
         logits = self.model.compute_logits(self.tree_hidden[: num_reqs * depth])
         logits = logits.view(num_reqs, depth, -1).float()
-        idx = input_batch.idx_mapping[:num_reqs].long()
-        # the root of the next tree: the last committed token (a prefill chunk: the next prompt token)
-        roots = torch.where(num_sampled[:num_reqs] > 0, last_sampled[idx],
-                            next_prefill_tokens[idx]).long()
+        roots = tree_roots(num_sampled, last_sampled, next_prefill_tokens,
+                           input_batch.idx_mapping, num_reqs)
         state = self.ddtree_state
         hook = _test_draft_hook()
         if hook is not None and state is not None:
