@@ -47,7 +47,8 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(0, str(HERE))
 
-from servertools import CPU_TINY_FLAGS, VllmServer, ddtree_lines, spec_decode_stats  # noqa: E402
+from servertools import (CPU_TINY_FLAGS, VllmServer, ddtree_lines, log_excerpt,  # noqa: E402
+                         spec_decode_stats)
 from physical_bound import bound_tokens_per_s, model_bytes  # noqa: E402
 import profiles as prof  # noqa: E402
 import prompt_sets  # noqa: E402
@@ -340,8 +341,19 @@ def run(profile: prof.Profile, models: Path, model_label: str, out: Path, device
                     skip(mode_name, cat, c, name, "budget: --budget-s reached", xargs)
                     save()
                     continue
+                if entry.get("died"):
+                    skip(mode_name, cat, c, name, f"server died: {entry['died']}", xargs)
+                    save()
+                    continue
                 n = profile.requests(c)
-                before = metrics(server)
+                try:
+                    before = metrics(server)
+                except OSError as e:  # the server is gone: keep the sweep's other servers
+                    entry["died"] = _death(server, e, before_point=f"{mode_name} {cat} c={c}")
+                    skip(mode_name, cat, c, name, f"server died: {entry['died']}", xargs)
+                    save()
+                    print(f"[{name}] server died: {entry['died']}", flush=True)
+                    continue
                 t1 = clock()
                 try:
                     res = run_bench(server.base_url, str(target), str(target),
@@ -356,7 +368,21 @@ def run(profile: prof.Profile, models: Path, model_label: str, out: Path, device
                     continue
                 wall = clock() - t1
                 guard.record(name, c, wall)
-                stats = spec_delta(before, metrics(server)) if spec is not None else None
+                try:
+                    after = metrics(server)
+                except OSError as e:
+                    after = None
+                    entry["died"] = _death(server, e, before_point=None, during=f"{mode_name} {cat} c={c}")
+                    print(f"[{name}] server died: {entry['died']}", flush=True)
+                if after is None or not res.get("completed"):
+                    doc["points"].append({"mode": mode_name, "category": cat, "concurrency": c,
+                                          "server": name, "xargs": xargs, "stage": stage,
+                                          "error": entry.get("died") or "no request completed",
+                                          **{k: res.get(k) for k in SUMMARY_KEYS if k in res}})
+                    save()
+                    print(f"[{mode_name}] {cat} c={c}: failed ({doc['points'][-1]['error']})", flush=True)
+                    continue
+                stats = spec_delta(before, after) if spec is not None else None
                 if stats and stats.get("drafts"):
                     # drafts scheduled per verify block: the point's own budget (fewer only where
                     # the scheduler shortened blocks to fit its token budget)
@@ -384,7 +410,7 @@ def run(profile: prof.Profile, models: Path, model_label: str, out: Path, device
             entry["ddtree_log"] = ddtree_lines(text)
             entry["attention_backend_log"] = [l.split("] ", 1)[-1] for l in text.splitlines()
                                               if "backend" in l.lower() and "using" in l.lower()][:6]
-            server_log.write_text("\n".join(text.splitlines()[-400:]) + "\n")
+            server_log.write_text(log_excerpt(text))
             save()
     doc["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     doc["elapsed_s"] = round(clock() - guard.t0, 1)
@@ -392,6 +418,16 @@ def run(profile: prof.Profile, models: Path, model_label: str, out: Path, device
     log.close()
     (out / "summary.md").write_text(summary_markdown(doc))
     return doc
+
+
+def _death(server: VllmServer, exc: Exception, before_point: str | None,
+           during: str | None = None) -> str:
+    """One line on a server that stopped answering: where in the sweep, its exit status, the error."""
+    time.sleep(2)  # let the process finish exiting, so its status is known
+    where = f"before {before_point}" if before_point else f"during {during}"
+    proc = getattr(server, "proc", None)
+    status = "still running" if server.alive() else f"exited {getattr(proc, 'returncode', '?')}"
+    return f"{where}: /metrics failed ({exc!r:.200}); server {status}"
 
 
 def summary_markdown(doc: dict) -> str:
@@ -410,6 +446,8 @@ def summary_markdown(doc: dict) -> str:
                      f"; start-up {s.get('startup_s', 'failed')} s; modes {', '.join(s.get('modes', []))}")
         if s.get("ddtree_log"):
             lines.append(f"  - server says: {s['ddtree_log'][0]}")
+        if s.get("died"):
+            lines.append(f"  - **server died** {s['died']} (its log keeps the first error)")
     for name, b in (doc.get("best_ddtree") or {}).items():
         lines.append(f"- best DDTree shape on `{name}`: {b['mode']} ({b['score_tok_s']} tok/s, "
                      f"{b['rule']})")

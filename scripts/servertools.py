@@ -208,6 +208,11 @@ class VllmServer:
     def log_tail(self, n: int = 60) -> str:
         return "\n".join(self.log_text().splitlines()[-n:])
 
+    def alive(self) -> bool:
+        """The server process is still running (an engine that died takes the API server down
+        within seconds; until then /metrics may still answer)."""
+        return self.proc is not None and self.proc.poll() is None
+
     def metrics(self) -> dict[str, float]:
         """Prometheus samples from /metrics as {'name{labels}': value} (counters summed by name too)."""
         with urllib.request.urlopen(self.base_url + "/metrics", timeout=10) as r:
@@ -215,6 +220,26 @@ class VllmServer:
 
 
 _SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+([-+0-9.eE]+|NaN|[+-]Inf)$")
+
+
+def log_excerpt(text: str, tail: int = 400, after_first_error: int = 300) -> str:
+    """A server log cut for keeping: its last ``tail`` lines, preceded by the lines around its first
+    error. When the engine dies, the API server echoes one traceback per pending request, which
+    pushes the engine's own traceback (the cause) far out of any tail."""
+    lines = text.splitlines()
+    if len(lines) <= tail:
+        return text if text.endswith("\n") or not text else text + "\n"
+    first = next((i for i, ln in enumerate(lines)
+                  if "Traceback (most recent call last)" in ln or " ERROR " in ln), None)
+    head: list[str] = []
+    cut_at = len(lines) - tail
+    if first is not None and first < cut_at:
+        start, stop = max(0, first - 20), min(first + after_first_error, cut_at)
+        head = ([f"[log_excerpt: lines {start + 1}-{stop} of {len(lines)}, from the first error]"]
+                + lines[start:stop] + [f"[log_excerpt: {cut_at - stop} lines cut; the last {tail} follow]"])
+    else:
+        head = [f"[log_excerpt: the last {tail} of {len(lines)} lines]"]
+    return "\n".join(head + lines[-tail:]) + "\n"
 
 
 def parse_prometheus(text: str) -> dict[str, float]:

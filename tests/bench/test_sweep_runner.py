@@ -32,7 +32,9 @@ def fake_run(tmp_path, monkeypatch):
     clock = FakeClock()
     started: list[dict] = []
     calls: list[dict] = []
-    cost = {"start_s": 100.0, "point_s": 5.0}
+    # die_after: the first server's engine dies after that many points (None: never)
+    cost = {"start_s": 100.0, "point_s": 5.0, "die_after": None}
+    dead: set[int] = set()
 
     class FakeServer:
         base_url = "http://127.0.0.1:1"
@@ -55,21 +57,39 @@ def fake_run(tmp_path, monkeypatch):
         def log_text(self):
             return ""
 
+        def alive(self):
+            return id(self) not in dead
+
         def metrics(self):
+            if id(self) in dead:
+                raise ConnectionRefusedError(111, "Connection refused")
             return {}
 
     def fake_bench(base_url, model, tokenizer, dataset, requests, concurrency, output_len, warmups,
                    log, xargs=None):
         clock.t += cost["point_s"] * (1 + concurrency / 32)
         calls.append({"xargs": xargs, "concurrency": concurrency, "spec": started[-1]})
+        if cost["die_after"] is not None and len(calls) > cost["die_after"] and len(started) == 1:
+            dead.add(servers[-1])  # the engine dies during this point: every request fails
+            return {"output_throughput": 0.0, "completed": 0, "failed": requests}
         b = (xargs or {}).get("ddtree_budget", 0)
         k = (xargs or {}).get("ddtree_top_k", 0)
         # a made-up optimum at budget 16, top_k 4
         tput = 100.0 * concurrency / (1 + abs(b - 16) / 16 + abs(k - 4) / 4)
         return {"output_throughput": tput, "completed": requests, "failed": 0}
 
+    servers: list[int] = []
+
+    class TrackedServer(FakeServer):
+        def __init__(self, *a):
+            super().__init__(*a)
+            servers.append(id(self))
+
     monkeypatch.setattr(run_profile, "clock", clock)
-    monkeypatch.setattr(run_profile, "VllmServer", FakeServer)
+    monkeypatch.setattr(run_profile, "time", type("T", (), {"sleep": staticmethod(lambda s: None),
+                                                            "strftime": run_profile.time.strftime,
+                                                            "gmtime": run_profile.time.gmtime}))
+    monkeypatch.setattr(run_profile, "VllmServer", TrackedServer)
     monkeypatch.setattr(run_profile, "run_bench", fake_bench)
     monkeypatch.setattr(run_profile, "spec_delta", lambda before, after: {
         "acceptance_length": 2.0, "drafts": 0, "accepted_per_position": []})
@@ -118,6 +138,49 @@ def test_shared_ddtree_server_best_shape_and_records(fake_run):
     assert all(p["xargs"] is None for p in doc["points"] if p["server"] in ("dflash", "nospec"))
     summary = (Path(doc["prompts"]["code"]["path"]).parent.parent / "out" / "summary.md").read_text()
     assert "budget=16,top_k=4" in summary and "ddtree-server-b64-k8" in summary
+
+
+def test_a_dead_server_costs_only_its_own_points(fake_run):
+    """The H100 sweep of 2026-11-23: the DDTree server's engine died mid-stage and the runner
+    crashed on /metrics, losing the next servers and the summary. Now the point is recorded as
+    failed, the server's remaining points as skipped, and the other servers still run."""
+    go, started, calls, cost, _ = fake_run
+    profile = profiles.PROFILES["gpu-sweep-12min"]
+    cost["die_after"] = 35
+    doc = go("gpu-sweep-12min")
+    dd = doc["servers"]["ddtree-server-b64-k8"]
+    assert dd["died"].startswith("during ddtree-best-") and "Connection refused" in dd["died"]
+    measured = [p for p in doc["points"] if p["server"] == "ddtree-server-b64-k8" and "error" not in p]
+    failed = [p for p in doc["points"] if "error" in p]
+    assert len(measured) == 35 and len(failed) == 1 and failed[0]["completed"] == 0
+    skipped = [s for s in doc["skipped"] if s["server"] == "ddtree-server-b64-k8"]
+    assert len(skipped) == 32 + 21 - 36 and all(s["reason"].startswith("server died") for s in skipped)
+    # flat DFlash and no speculation still ran in full
+    for name in ("dflash", "nospec"):
+        assert sum(1 for p in doc["points"] if p["server"] == name and "error" not in p) == 21
+    summary = (Path(doc["prompts"]["code"]["path"]).parent.parent / "out" / "summary.md").read_text()
+    assert "**server died**" in summary and "failed: during ddtree-best-" in summary
+    assert len(doc["points"]) + len(doc["skipped"]) == len(profile.points())
+
+
+def test_log_excerpt_keeps_the_first_error():
+    sys.path.insert(0, str(REPO / "scripts"))
+    from servertools import log_excerpt
+
+    short = "a\nb\n"
+    assert log_excerpt(short) == short
+    lines = [f"INFO line {i}" for i in range(1000)]
+    lines[300] = "(EngineCore pid=1) ERROR 11-23 engine core failed"
+    lines[301] = "Traceback (most recent call last):"
+    lines[302] = "ValueError: the cause"
+    lines += [f"(APIServer) ERROR echo {i}" for i in range(600)]
+    out = log_excerpt("\n".join(lines), tail=400, after_first_error=50).splitlines()
+    assert "ValueError: the cause" in out and out[-1] == "(APIServer) ERROR echo 599"
+    assert "INFO line 280" in out and "INFO line 279" not in out  # 20 lines of context before it
+    assert "INFO line 349" in out and "INFO line 350" not in out  # 50 lines from it
+    assert len(out) == 400 + 70 + 2
+    no_error = log_excerpt("\n".join(f"x{i}" for i in range(500)), tail=10).splitlines()
+    assert no_error[0].startswith("[log_excerpt: the last 10") and len(no_error) == 11
 
 
 def test_budget_guard_skips_and_keeps_room_for_later_servers(fake_run):
