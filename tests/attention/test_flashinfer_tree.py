@@ -223,7 +223,8 @@ def test_bad_inputs_raise_value_errors():
 
 
 def test_mode_variable():
-    assert tree_attention_mode({}) == "portable"
+    assert tree_attention_mode({}) == "flashinfer"  # the default since the H100 check passed
+    assert tree_attention_mode({"DDTREE_TREE_ATTENTION": "portable"}) == "portable"
     assert tree_attention_mode({"DDTREE_TREE_ATTENTION": "FlashInfer"}) == "flashinfer"
     with pytest.raises(ValueError, match="DDTREE_TREE_ATTENTION"):
         tree_attention_mode({"DDTREE_TREE_ATTENTION": "fast"})

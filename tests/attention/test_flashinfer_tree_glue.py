@@ -105,4 +105,7 @@ def test_path_variable(glue, monkeypatch):
     assert glue._tree_attention_path() == "flashinfer"
     monkeypatch.setattr(glue, "_TREE_ATTENTION_PATH", None)
     monkeypatch.delenv("DDTREE_TREE_ATTENTION")
+    assert glue._tree_attention_path() == "flashinfer"  # the default where flashinfer imports
+    monkeypatch.setattr(glue, "_TREE_ATTENTION_PATH", None)
+    monkeypatch.setattr(flashinfer_tree, "flashinfer_available", lambda: "ImportError: none here")
     assert glue._tree_attention_path() == "portable"
