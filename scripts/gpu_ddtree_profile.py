@@ -170,7 +170,10 @@ def run_child(cfg: dict) -> dict:
     if cfg.get("spec") and cfg["spec"].get("method") == "dflash_ddtree":
         _wrap_glue()
     t0 = time.monotonic()
-    kwargs = engine_memory_kwargs(0.5) if cuda else {}
+    # GDN prefill on the Triton kernels, as in gpu_ddtree_check: vLLM 0.26 picks FlashInfer's SM90
+    # GDN prefill on Hopper, which needs nvidia-cutlass-dsl (not in the offline bundle)
+    kwargs = dict(engine_memory_kwargs(0.5), additional_config={
+        "gdn_prefill_backend": os.environ.get("GDN_PREFILL", "triton")}) if cuda else {}
     llm = LLM(model=cfg["model"], enforce_eager=True, max_model_len=2048, language_model_only=True,
               enable_prefix_caching=False, seed=0, max_num_seqs=8, speculative_config=cfg.get("spec"),
               disable_log_stats=True, **kwargs)
