@@ -35,9 +35,17 @@ def load_points(paths: list[Path]) -> tuple[str, list[dict]]:
     return devices.pop(), points
 
 
+TREE_MODE = re.compile(r"ddtree-(best-)?b(\d+)-k(\d+)$")  # ddtree-b32-k8, ddtree-best-b32-k8
+
+
 def _mode_order(name: str):
-    m = re.match(r"ddtree-b(\d+)-k(\d+)", name)
-    return (0, name) if name == "nospec" else (1, name) if name == "dflash" else (2, int(m[1]), int(m[2]))
+    """no-spec, flat DFlash, the DDTree grid by (budget, top_k), then the best-shape curves."""
+    if name in ("nospec", "dflash"):
+        return (0 if name == "nospec" else 1, 0, 0, name)
+    m = TREE_MODE.match(name)
+    if m is None:
+        return (4, 0, 0, name)
+    return (3 if m[1] else 2, int(m[2]), int(m[3]), name)
 
 
 def plot(paths: list[Path], out: Path) -> list[Path]:
@@ -97,13 +105,14 @@ def plot(paths: list[Path], out: Path) -> list[Path]:
         per_category("speedup_vs_dflash.png", "speedup over flat DFlash", "tok/s / flat DFlash tok/s",
                      speedup)
 
-    tree = [p for p in points if p["mode"].startswith("ddtree-") and p.get("spec_decode")]
+    # the budget x top_k grid only: a best-shape curve repeats one of its shapes per concurrency
+    tree = [p for p in points if (m := TREE_MODE.match(p["mode"])) and not m[1] and p.get("spec_decode")]
     if tree:
         fig, ax = plt.subplots(figsize=(6, 4.2))
         by = defaultdict(lambda: defaultdict(list))        # (k, cat, conc) -> budget -> [AL]
         for p in tree:
-            m = re.match(r"ddtree-b(\d+)-k(\d+)", p["mode"])
-            by[(int(m[2]), p["category"], p["concurrency"])][int(m[1])].append(
+            m = TREE_MODE.match(p["mode"])
+            by[(int(m[3]), p["category"], p["concurrency"])][int(m[2])].append(
                 p["spec_decode"]["acceptance_length"])
         for (k, cat, c), d in sorted(by.items()):
             xs = sorted(d)
