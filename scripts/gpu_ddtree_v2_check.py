@@ -73,16 +73,32 @@ def _runner(llm):
 
 
 def _fallback_counts() -> dict[str, float]:
+    """``vllm:ddtree_fallback_total`` samples of this process's counter, by reason label.
+
+    The counter is incremented while the config is validated, before vLLM's stat logger starts;
+    the logger then unregisters every ``vllm:*`` collector from the default registry (vLLM's
+    ``unregister_vllm_metrics``), so in an offline ``LLM`` it is no longer in ``REGISTRY``. A live
+    server still exports it (multiprocess files; tests/e2e/test_serve_modes.py), so the counter
+    object itself is read here, the registry only when the counter is not reachable."""
     try:
         from prometheus_client import REGISTRY
     except ImportError:
         return {}
+    collectors = []
+    try:
+        from vllm.config.ddtree import record_fallback
+
+        if getattr(record_fallback, "_counter", None) is not None:
+            collectors.append(record_fallback._counter)
+    except ImportError:
+        pass
     out = {}
-    for metric in REGISTRY.collect():
-        if metric.name in ("vllm:ddtree_fallback", "vllm:ddtree_fallback_total"):
-            for s in metric.samples:
-                if s.name.endswith("_total"):
-                    out[s.labels.get("reason", "")] = s.value
+    for collector in collectors or [REGISTRY]:
+        for metric in collector.collect():
+            if metric.name in ("vllm:ddtree_fallback", "vllm:ddtree_fallback_total"):
+                for s in metric.samples:
+                    if s.name.endswith("_total"):
+                        out[s.labels.get("reason", "")] = s.value
     return out
 
 

@@ -7,6 +7,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -63,3 +65,17 @@ def test_logprob_agreement():
     # another node's row: the committed token is far off or missing from the top-k
     wrong = [{"tokens": [5, 6, 7], "top2": [[(5, 12.0), (1, 11.0)], [(2, 9.5), (6, 1.0)], [(3, 4.0), (1, 1.0)]]}]
     assert m.logprob_agreement(ref, wrong)["over_tol"] == 2
+
+
+def test_fallback_count_survives_vllms_metric_unregister():
+    """vLLM's stat logger unregisters every vllm:* collector created before it (the fallback is
+    counted while the config is validated, earlier): the check reads the counter itself."""
+    pytest.importorskip("prometheus_client")
+    ddtree_config = pytest.importorskip("vllm.config.ddtree")
+    from vllm.v1.metrics.prometheus import unregister_vllm_metrics
+
+    m = _script()
+    before = m._fallback_counts().get("unit-test reason", 0.0)
+    ddtree_config.record_fallback("unit-test reason: details")
+    unregister_vllm_metrics()
+    assert m._fallback_counts().get("unit-test reason", 0.0) == before + 1
