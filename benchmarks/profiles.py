@@ -184,6 +184,13 @@ PROFILES: dict[str, Profile] = {p.name: p for p in [
             # per device call (--servers splits it in two): a start ~1-2.5 min (eager; more on a
             # fresh host while Triton compiles the GDN kernels), points ~2-8 s each
             budget_s=360.0, server_start_s=90.0, server_reserve_s=150.0),
+    Profile("gpu-ddtree-curve", "GPU, eager: one DDTree shape (budget 32, top_k 8: the best of the "
+            "H100 grid of 2026-11-23) at concurrency 1..64 on code/prose/docmath, per request on a "
+            "b64-k8 server like gpu-sweep-12min's, so its points compare with that sweep's flat DFlash "
+            "and no-spec curves without re-running the grid (one device call)",
+            modes=(ddtree(32, 8, SWEEP_SERVER),), concurrency=DOUBLING, categories=ALL_CATEGORIES,
+            output_len=96, requests_per_slot=2, min_requests=6, max_requests=128, warmups=1,
+            extra_server_args=EAGER, budget_s=420.0, server_start_s=90.0),
     Profile("gpu-full", "GPU: every mode, concurrency 1..64 doubling, all three categories",
             modes=(nospec(), dflash(), *ddtree_grid(BUDGETS, (1, 8))),
             concurrency=DOUBLING, categories=ALL_CATEGORIES),

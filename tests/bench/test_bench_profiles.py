@@ -58,6 +58,10 @@ def test_every_profile_is_well_formed():
     twelve = profiles.PROFILES["gpu-sweep-12min"]
     assert twelve.servers() == ["ddtree-server-b64-k8", "dflash", "nospec"]
     assert "--enforce-eager" in twelve.extra_server_args
+    curve = profiles.PROFILES["gpu-ddtree-curve"]  # the sweep's server shape, so points compare
+    assert curve.servers() == ["ddtree-server-b64-k8"] and len(curve.points()) == 21
+    assert {m.xargs["ddtree_budget"] for m, *_ in curve.points()} == {32}
+    assert curve.extra_server_args == twelve.extra_server_args and curve.output_len == twelve.output_len
 
 
 def _write_model(folder: Path, cfg: dict, nbytes: int) -> None:
