@@ -1152,8 +1152,11 @@ def main(argv=None) -> int:
         target_section = {
             "note": "not retrained in this run: the files are copied byte-identical from "
                     f"{args.target}; 'trained' is that run's report section",
-            "trained": {**old.get("target", {}), "device": old.get("device"),
-                        "command": old.get("command")},
+            # the run that trained the target: the old report's own, or, when that run was
+            # drafter-only too, the section it carried (no nesting per drafter-only run)
+            "trained": (old["target"]["trained"] if "trained" in old.get("target", {}) else
+                        {**old.get("target", {}), "device": old.get("device"),
+                         "command": old.get("command")}),
             "recheck_here": {"parameters": n_target, "gdn_kernels": gdn_impl,
                              "heldout_nll": round(nll, 4),
                              "heldout_perplexity": round(math.exp(nll), 3),

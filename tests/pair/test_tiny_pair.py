@@ -185,3 +185,10 @@ def test_smoke_drafter_only_keeps_the_target(smoke_pair, tmp_path):
     assert report["drafter_data"]["rows_per_step"] == {"real_text": 2, "greedy": 0}
     _check_engine_like_report(report["drafter"])
     assert (out / "drafter" / "model.safetensors").is_file()
+    # a drafter-only run on top of a drafter-only run names the same target training run, once
+    again = tmp_path / "pair2"
+    _run_training("--smoke", "--drafter-only", "--target", str(out / "target"), "--out",
+                  str(again), "--real-frac", "1.0", "--gen-prompts", "0")
+    report2 = json.loads((again / "train_report.json").read_text())
+    assert report2["target"]["trained"]["steps"] == old["target"]["steps"]
+    assert "trained" not in report2["target"]["trained"]
