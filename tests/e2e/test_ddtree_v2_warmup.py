@@ -237,7 +237,17 @@ def _verify(glue, state, batch, sched, seed):
     the drafter inputs. Returns (step, GDN plan, sampler output)."""
     state.on_positions(sched, batch)
     step = glue.current_tree_step()
-    plan = glue._gdn_plan(step, _gdn_metadata(batch)) if step is not None else None
+    plan = None
+    if step is not None:
+        plan = glue._gdn_plan(step, _gdn_metadata(batch))
+        # the spec rows from the step's host counts are the ones vLLM's device metadata gives
+        counts, step.spec_draft_counts = step.spec_draft_counts, None
+        assert counts is not None and (counts == BUDGET).all()
+        step.gdn_plans.clear()
+        device = glue._gdn_plan(step, _gdn_metadata(batch))
+        for field in ("parents", "num_nodes", "gather", "real_nodes", "real_tokens", "req_rows", "is_tree"):
+            assert torch.equal(getattr(plan, field), getattr(device, field)), field
+        step.spec_draft_counts = counts
     logits = torch.randn(batch.num_tokens, VOCAB, generator=torch.Generator().manual_seed(seed))
     out = state.sample(logits, batch)
     assert glue.current_tree_step() is None  # cleared by the commit: no step leaks into later runs
