@@ -216,6 +216,8 @@ def _warmup_scheduler_outputs(req_ids, params):
 def _prefill_then_propose(state, spec, rs, sched, req_ids, sampled):
     """A prefill step (no drafts: on_positions only records the params), then the speculator."""
     n = len(req_ids)
+    for i, rid in enumerate(req_ids):  # V2's add_requests, before the hooks
+        rs.req_id_to_index[rid] = i
     batch = _batch(req_ids, [PROMPT_LEN] * n, [0] * n, torch.zeros(PROMPT_LEN * n, dtype=torch.long),
                    prefilling=True)
     state.on_positions(sched, batch)
@@ -292,7 +294,9 @@ def test_v2_warmup_decode_step_runs_through_the_glue(glue_modules, monkeypatch, 
 
     # clean-up: no tokens scheduled, so V2's execute_model returns before our hooks; then the first
     # real request (greedy) gets a full tree and the next step verifies exactly that tree
-    del cleanup
+    for rid in cleanup.finished_req_ids:  # V2's finish_requests; then it returns before our hooks
+        rs.req_id_to_index.pop(rid)
+    assert set(state.params) == set(req_ids)
     real = ["real-0"]
     prefill2, _, _ = _warmup_scheduler_outputs(real, SamplingParams(temperature=0.0, max_tokens=8))
     _prefill_then_propose(state, spec, rs, prefill2, real, torch.tensor([7]))
@@ -303,6 +307,7 @@ def test_v2_warmup_decode_step_runs_through_the_glue(glue_modules, monkeypatch, 
     sched2.num_scheduled_tokens = {"real-0": Q}
     sched2.scheduled_spec_decode_tokens = {"real-0": [-1] * BUDGET}  # V2: placeholders
     step2, plan2, out2 = _verify(glue, state, batch2, sched2, seed=2)
+    assert set(state.params) == {"real-0"}  # the warm-up's requests are forgotten
     assert step2 is not None and [e.req_index for e in step2.entries] == [0]
     n = int(tree.num_nodes[0])
     assert plan2.is_tree.tolist() == [True] and int(plan2.num_nodes[0]) == n

@@ -185,6 +185,13 @@ class DDTreeV2RunnerState(DDTreeRunnerState):
                 self.params.pop(req_id, None)
         for new in scheduler_output.scheduled_new_reqs:  # resumed requests come back as new here
             self.params[new.req_id] = new.sampling_params
+        live = getattr(getattr(self.runner, "req_states", None), "req_id_to_index", None)
+        if live is not None and len(self.params) > len(live):
+            # Requests finished in a step that scheduled no tokens (the start-up warm-up's clean-up,
+            # or the engine going idle) never reach this hook: V2's execute_model returns before
+            # it. Drop them once the runner no longer holds them, or the dict grows forever.
+            for req_id in [r for r in self.params if r not in live]:
+                del self.params[req_id]
 
     def vllm_sampler_rows(self, req_ids: list[str]) -> list[int]:
         return [i for i, rid in enumerate(req_ids) if needs_vllm_sampler(self.params.get(rid))]
