@@ -174,7 +174,8 @@ def _batch(req_ids, q_lens, computed, input_ids, num_draft=None, prefilling=Fals
 
 
 def _propose(spec, rs, batch, num_sampled):
-    return spec.propose(batch, {}, {}, None, None, num_sampled, torch.zeros(batch.num_reqs, dtype=torch.int32),
+    return spec.propose(batch, {}, {}, None, None, num_sampled,
+                        torch.zeros(batch.num_reqs, dtype=torch.int32),
                         rs.last_sampled_tokens, rs.next_prefill_tokens, None, None)
 
 
@@ -183,7 +184,8 @@ def _gdn_metadata(batch):
     n = batch.num_reqs
     spec_idx = torch.arange(n * Q, dtype=torch.int32).view(n, Q) + 100
     return SimpleNamespace(
-        num_spec_decodes=n, spec_state_indices_tensor=spec_idx, num_accepted_tokens=torch.ones(n, dtype=torch.int32),
+        num_spec_decodes=n, spec_state_indices_tensor=spec_idx,
+        num_accepted_tokens=torch.ones(n, dtype=torch.int32),
         spec_sequence_masks=torch.ones(n, dtype=torch.bool),
         spec_query_start_loc=torch.from_numpy(batch.query_start_loc_np.astype(np.int32)))
 
