@@ -16,7 +16,9 @@ batch is a host stand-in (V2 does not run on the CPU wheel), the drafter's graph
 all-decode batch. Checked: the decode step's GDN plan (root-only trees for the warm-up's penalty
 requests, chains for requests whose scheduled zeros are not their tree's nodes), the walk (one
 token per root-only tree), the drafter inputs, and that the first real request after the warm-up
-verifies its own full tree. Both overlay modules are loaded from this checkout's patches/files."""
+verifies its own full tree; and the warm-up's GDN layer itself on the torch backend (root-only
+trees vs the same blocks as chains). Both overlay modules are loaded from this checkout's
+patches/files. Every test here failed with the H100's TypeError before the fix."""
 
 from __future__ import annotations
 
@@ -328,3 +330,65 @@ def test_gdn_plan_refuses_a_tree_step_without_parents(glue_modules):
     batch = SimpleNamespace(num_reqs=1, query_start_loc_np=np.array([0, Q]))
     with pytest.raises(ValueError, match="parents"):
         glue._gdn_plan(step, _gdn_metadata(batch))
+
+
+class _GdnLayer:
+    """The attributes of vLLM's GDN layer that the tree forward reads (one head, tiny dims)."""
+
+    H, K, V, W = 1, 4, 4, 4
+    D = 2 * H * K + H * V
+
+    def __init__(self, g):
+        self.conv1d = SimpleNamespace(bias=torch.randn(self.D, generator=g) * 0.1)
+        self.activation = "silu"
+        self.A_log = torch.randn(self.H, generator=g) * 0.1
+        self.dt_bias = torch.randn(self.H, generator=g) * 0.1
+
+    def rearrange_mixed_qkv(self, x):
+        q, k, v = torch.split(x, [self.H * self.K, self.H * self.K, self.H * self.V], dim=-1)
+        return (q.reshape(1, -1, self.H, self.K), k.reshape(1, -1, self.H, self.K),
+                v.reshape(1, -1, self.H, self.V))
+
+
+def test_v2_warmup_root_only_trees_through_the_gdn_forward(glue_modules, monkeypatch):
+    """The warm-up decode's GDN layer on the torch backend: the root-only trees' root rows (the
+    only rows that count) equal those of the same blocks verified as plain chains, and the state
+    slot of the root is the same."""
+    glue, v2 = glue_modules
+    runner, rs, state, spec = _engine(v2, monkeypatch)
+    req_ids = [f"_warmup_{i}_" for i in range(MAX_NUM_REQS)]
+    prefill, decode, _ = _warmup_scheduler_outputs(req_ids, SamplingParams.for_sampler_warmup())
+    _prefill_then_propose(state, spec, rs, prefill, req_ids, torch.arange(MAX_NUM_REQS) + 3)
+    batch = _decode_batch(rs, req_ids, PROMPT_LEN)
+    state.on_positions(decode, batch)
+    step = glue.current_tree_step()
+    assert step is not None and len(step.entries) == MAX_NUM_REQS
+    glue._set_current(None)
+
+    g = torch.Generator().manual_seed(5)
+    layer = _GdnLayer(g)
+    T = batch.num_tokens
+    x = torch.randn(T, layer.D, generator=g)
+    a, b = torch.randn(T, layer.H, generator=g), torch.randn(T, layer.H, generator=g)
+    weight = torch.randn(layer.D, layer.W, generator=g) * 0.3
+    lines = 100 + MAX_NUM_REQS * Q
+    conv0 = torch.randn(lines, layer.D, layer.W - 1 + BUDGET, generator=g)
+    ssm0 = torch.randn(lines, layer.H, layer.V, layer.K, generator=g) * 0.1
+    md = _gdn_metadata(batch)
+
+    outs = []
+    for run_step in (step, glue.TreeVerifyStep([], {}, runner=runner)):  # trees, then chains
+        glue._set_current(run_step)
+        conv, ssm = conv0.clone(), ssm0.clone()
+        outs.append((glue.gdn_tree_spec_forward(layer, md, x, a, b, conv, ssm, weight, "torch"), ssm))
+    glue._set_current(None)
+    assert bool(step.gdn_layers[0][2].is_tree.all())
+    (tree_out, tree_ssm), (chain_out, chain_ssm) = outs
+    roots = torch.from_numpy(batch.query_start_loc_np[:-1])
+    root_slots = md.spec_state_indices_tensor[:, 0].long()
+    assert torch.allclose(tree_out[roots], chain_out[roots], atol=1e-5)
+    assert torch.allclose(tree_ssm[root_slots], chain_ssm[root_slots], atol=1e-5)
+    # the padding nodes are computed by nobody: zero rows, never accepted
+    pad = torch.ones(T, dtype=torch.bool)
+    pad[roots] = False
+    assert not tree_out[pad].any()
