@@ -77,6 +77,9 @@ class TreeVerifyStep:
     parents: torch.Tensor | None = None  # [E, Q] long (-1: root, padding nodes, past q_len)
     num_nodes: torch.Tensor | None = None  # [E] long: real nodes of each block
     num_scheduled: np.ndarray | None = None  # [num_reqs] tokens scheduled per batch row
+    # [num_reqs] the GDN builder's draft count per batch row (-1: not a spec row), on the host;
+    # None: the runner's ``num_decode_draft_tokens`` buffer (V1) or vLLM's device metadata
+    spec_draft_counts: np.ndarray | None = None
     # filled by the backend hooks during the forward, consumed by the commit
     attn_layers: list[tuple] = dataclasses.field(
         default_factory=list)  # CPU: (key_cache, value_cache, slot_mapping, layout) per layer
@@ -365,9 +368,13 @@ def _spec_rows_host(step: TreeVerifyStep, md, num_spec: int):
     the device metadata (one sync) when the host view does not match the builder's count."""
     runner = step.runner
     masks = md.spec_sequence_masks
-    buf = getattr(runner, "num_decode_draft_tokens", None)
-    if masks is not None and buf is not None and step.num_scheduled is not None:
-        draft = np.asarray(buf.np[: masks.shape[0]])
+    if step.spec_draft_counts is not None:  # V2: computed with the step
+        counts = step.spec_draft_counts
+    else:
+        buf = getattr(runner, "num_decode_draft_tokens", None)
+        counts = buf.np if buf is not None else None
+    if masks is not None and counts is not None and step.num_scheduled is not None:
+        draft = np.asarray(counts[: masks.shape[0]])
         rows = np.nonzero(draft >= 0)[0]
         if rows.shape[0] == num_spec and (rows.shape[0] == 0 or rows[-1] < step.num_scheduled.shape[0]):
             return rows.astype(np.int64), step.num_scheduled[rows].astype(np.int64)
@@ -401,6 +408,12 @@ def _gdn_plan(step: TreeVerifyStep, md) -> _GdnTreePlan:
     tree_r = [r for r in range(num_spec) if int(req_rows[r]) in entry_of]
     is_tree = np.zeros(num_spec, dtype=bool)
     if tree_r:
+        if step.parents is None or step.num_nodes is None:
+            # a runner's glue built the step without the trees' arrays: say so here, not as a
+            # TypeError deep in the GDN layer
+            raise ValueError("TreeVerifyStep.parents / num_nodes: the step has tree entries but "
+                             "no padded parents / node counts (the runner's on_positions must "
+                             "set them)")
         # padding nodes (a budget the tree could not fill) come last; they are computed by
         # nobody here and their rows stay zero: no node sees them and they are never accepted
         ent = [entry_of[int(req_rows[r])] for r in tree_r]

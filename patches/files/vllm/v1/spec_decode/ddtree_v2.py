@@ -69,6 +69,19 @@ def tree_roots(num_sampled: torch.Tensor, last_sampled: torch.Tensor,
                        next_prefill_tokens[idx].long())
 
 
+def gdn_spec_draft_counts(input_batch) -> np.ndarray | None:
+    """Per batch row, the draft count V2 hands vLLM's GDN metadata builder (-1: not a spec row),
+    computed on the host as ``MambaHybridModelState.prepare_attn`` does: a row is a spec-decode
+    row when it has drafts and exactly one non-draft token is scheduled."""
+    num_draft = getattr(input_batch, "num_draft_tokens_per_req", None)
+    if num_draft is None:
+        return None
+    num_reqs = input_batch.num_reqs
+    num_draft = np.asarray(num_draft[:num_reqs], dtype=np.int64)
+    scheduled = np.asarray(input_batch.num_scheduled_tokens[:num_reqs], dtype=np.int64)
+    return np.where((num_draft > 0) & (scheduled == num_draft + 1), num_draft, -1)
+
+
 class DDTreeSpeculator(DFlashSpeculator):
     """DFlash drafter pass (``ddtree_max_depth`` positions) -> a draft tree per request."""
 
@@ -172,6 +185,13 @@ class DDTreeV2RunnerState(DDTreeRunnerState):
                 self.params.pop(req_id, None)
         for new in scheduler_output.scheduled_new_reqs:  # resumed requests come back as new here
             self.params[new.req_id] = new.sampling_params
+        live = getattr(getattr(self.runner, "req_states", None), "req_id_to_index", None)
+        if live is not None and len(self.params) > len(live):
+            # Requests finished in a step that scheduled no tokens (the start-up warm-up's clean-up,
+            # or the engine going idle) never reach this hook: V2's execute_model returns before
+            # it. Drop them once the runner no longer holds them, or the dict grows forever.
+            for req_id in [r for r in self.params if r not in live]:
+                del self.params[req_id]
 
     def vllm_sampler_rows(self, req_ids: list[str]) -> list[int]:
         return [i for i, rid in enumerate(req_ids) if needs_vllm_sampler(self.params.get(rid))]
@@ -247,8 +267,17 @@ class DDTreeV2RunnerState(DDTreeRunnerState):
                              visible[e, : int(q_lens[e]), : int(q_lens[e])], depths[e, : int(q_lens[e])])
                    for e in range(E)]
         self.last_entries = entries
+        # The shared GDN hook reads the trees' parents and node counts from the step (a step
+        # without them failed the first tree verify on CUDA, which was V2's start-up warm-up), and
+        # the spec rows of vLLM's GDN metadata from host counts (no device read per step).
+        num_reqs = input_batch.num_reqs
+        num_scheduled = np.asarray(input_batch.num_scheduled_tokens[:num_reqs], dtype=np.int64).copy()
         step = TreeVerifyStep(entries, {e.req_index: e for e in entries}, rows=rows, starts=starts,
                               prefix_lens=prefix, q_lens=q_lens, visible=visible, depths=depths,
+                              parents=parents,
+                              num_nodes=torch.tensor([e.num_nodes for e in entries], dtype=torch.long),
+                              num_scheduled=num_scheduled,
+                              spec_draft_counts=gdn_spec_draft_counts(input_batch),
                               runner=runner)
         step.group_block_table = self._group_block_table(input_batch.num_reqs)
         _set_current(step)
