@@ -166,15 +166,18 @@ def test_cuda_tree_path_reasons(fake_cuda, monkeypatch):
     from vllm.config.ddtree import tree_path_unsupported_reason
 
     assert tree_path_unsupported_reason(_sc(["full_attention"])) is None
-    # the V2 runner (forced by a mixed sliding/full drafter, or chosen) runs flat DFlash by default,
-    # with the reason naming V2 (its tree path is opt-in until GPU-verified) ...
+    # the V2 runner (forced by a mixed sliding/full drafter, or chosen) verifies trees by default
+    # (GPU-verified); DDTREE_V2_TREE=0 rolls it back to flat DFlash, the reason naming V2 and why
     mixed = ["sliding_attention", "full_attention"]
+    assert tree_path_unsupported_reason(_sc(mixed)) is None
+    monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
+    assert tree_path_unsupported_reason(_sc()) is None
+    monkeypatch.setenv("DDTREE_V2_TREE", "0")
+    reason = tree_path_unsupported_reason(_sc())
+    assert "V2 model runner (VLLM_USE_V2_MODEL_RUNNER=1)" in reason and "DDTREE_V2_TREE=0" in reason
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER")
     assert "mixes sliding and full" in tree_path_unsupported_reason(_sc(mixed))
     monkeypatch.setenv("VLLM_USE_V2_MODEL_RUNNER", "1")
-    assert "V2 model runner (VLLM_USE_V2_MODEL_RUNNER=1)" in tree_path_unsupported_reason(_sc())
-    monkeypatch.setenv("DDTREE_V2_TREE", "0")
-    assert "DDTREE_V2_TREE=1" in tree_path_unsupported_reason(_sc())
-    # ... and verifies trees with DDTREE_V2_TREE=1
     monkeypatch.setenv("DDTREE_V2_TREE", "1")
     assert tree_path_unsupported_reason(_sc()) is None
     monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER")

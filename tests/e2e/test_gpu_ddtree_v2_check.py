@@ -35,7 +35,7 @@ def test_tree_mode_checks():
     assert all(m.mode_checks("ddtree-oracle", cfgs["ddtree-oracle"], _tree_record(), "").values())
     # the V1 runner, a fallback, chain-only blocks, or no siblings must each fail a check
     bad = [_tree_record(runner_class="vllm.v1.worker.gpu_model_runner.GPUModelRunner"),
-           _tree_record(ddtree_fallback_reason="V2 model runner (x) with DDTREE_V2_TREE=0 (opt-in: DDTREE_V2_TREE=1)"),
+           _tree_record(ddtree_fallback_reason="V2 model runner (x) with DDTREE_V2_TREE=0: flat DFlash (the V2 rollback switch)"),
            _tree_record(ddtree_counters={"steps": 40, "nodes_verified": 40, "sibling_taken": 3}),
            _tree_record(ddtree_counters={"steps": 40, "nodes_verified": 400, "sibling_taken": 0}),
            _tree_record(speculator_class="DFlashSpeculator")]
@@ -47,8 +47,8 @@ def test_fallback_mode_checks():
     m = _script()
     cfg = m.mode_configs(Path("models/tiny-pair"))["ddtree-fallback"]
     rec = _tree_record(speculator_class="DFlashSpeculator", ddtree_counters={},
-                       ddtree_fallback_reason="V2 model runner (VLLM_USE_V2_MODEL_RUNNER=1) with DDTREE_V2_TREE=0 (opt-in: DDTREE_V2_TREE=1)",
-                       fallback_metric={"V2 model runner (VLLM_USE_V2_MODEL_RUNNER=1) with DDTREE_V2_TREE=0 (opt-in: DDTREE_V2_TREE=1)": 1.0})
+                       ddtree_fallback_reason="V2 model runner (VLLM_USE_V2_MODEL_RUNNER=1) with DDTREE_V2_TREE=0: flat DFlash (the V2 rollback switch)",
+                       fallback_metric={"V2 model runner (VLLM_USE_V2_MODEL_RUNNER=1) with DDTREE_V2_TREE=0: flat DFlash (the V2 rollback switch)": 1.0})
     log = "INFO dflash_ddtree (budget=16, ...): tree verify is not available here (V2 ...)"
     assert all(m.mode_checks("ddtree-fallback", cfg, rec, log).values())
     assert not m.mode_checks("ddtree-fallback", cfg, rec, "no such line")["fallback_logged"]

@@ -252,13 +252,13 @@ def tree_path_unsupported_reason(sc: Any) -> str | None:
     if not current_platform.is_cuda():
         return (f"platform {current_platform.device_name}: the tree path runs on vLLM's CPU "
                 f"backend and on CUDA")
-    # Both model runners can verify trees (V1: vllm/v1/spec_decode/ddtree.py, V2:
-    # vllm/v1/spec_decode/ddtree_v2.py). The V2 path has not run on a GPU yet
-    # (scripts/gpu_ddtree_v2_check.py is its proof), so it is opt-in: DDTREE_V2_TREE=1. A commit bug
-    # would silently corrupt long contexts; flat DFlash under V2 is the verified default.
+    # Both model runners verify trees (V1: vllm/v1/spec_decode/ddtree.py, V2:
+    # vllm/v1/spec_decode/ddtree_v2.py); the V2 path passed scripts/gpu_ddtree_v2_check.py on an H100
+    # (2026-11-23: greedy equality in every mode, eager and graphs, portable and FlashInfer tree
+    # attention). DDTREE_V2_TREE=0 rolls V2 back to flat DFlash.
     v2 = v2_runner_cause(sc)
-    if v2 is not None and os.environ.get("DDTREE_V2_TREE", "0") != "1":
-        return f"V2 model runner ({v2}): tree verify there is opt-in until GPU-verified (DDTREE_V2_TREE=1)"
+    if v2 is not None and os.environ.get("DDTREE_V2_TREE", "1") == "0":
+        return f"V2 model runner ({v2}) with DDTREE_V2_TREE=0: flat DFlash (the V2 rollback switch)"
     backend = os.environ.get("VLLM_ATTENTION_BACKEND")
     if backend and backend.upper() not in TREE_CUDA_ATTENTION_BACKENDS:
         return (f"attention backend {backend}: the CUDA tree path reads the KV layout of "
