@@ -15,7 +15,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 PAIR = REPO / "models" / "tiny-pair"
 #: flat DFlash / DDTree acceptance length the committed drafter must beat (see the test below)
-MIN_ACCEPTANCE = 1.3
+MIN_ACCEPTANCE = 1.6
 sys.path.insert(0, str(REPO / "scripts"))
 
 import train_tiny_pair as ttp  # noqa: E402
@@ -65,8 +65,9 @@ def test_vllm_flat_dflash_equals_target_and_accepts():
     assert stats["drafts"] > 0
     # A broken drafter (wrong weights, wrong context keys, misaligned positions) accepts ~nothing:
     # acceptance length 1.00-1.01 (1 in 4096 by chance). The committed drafter (recipe v3, H100 run
-    # 3) accepts 1.53 on these 6 prompts x 48 tokens on CPU, DDTree b16/k4 1.65 (2.32 flat on 20 x
-    # 64, docs/tiny-pair.md); the run-2 drafter accepted 1.17 here. Raise the bar with the drafter.
+    # 4) accepts 2.03 on these 6 prompts x 48 tokens on CPU, DDTree b16/k4 2.23 (3.48 flat on 20 x
+    # 64, docs/tiny-pair.md); run 3's accepted 1.53 / 1.65 here, run 2's 1.17. Raise the bar with
+    # the drafter.
     assert stats["acceptance_length"] > MIN_ACCEPTANCE, stats
 
     # DDTree tree verify (CPU backend) with the same trained drafter: equal to the target alone,
