@@ -47,7 +47,8 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO / "scripts"))
 sys.path.insert(0, str(HERE))
 
-from servertools import (CPU_TINY_FLAGS, VllmServer, ddtree_lines, log_excerpt,  # noqa: E402
+from servertools import (CPU_TINY_FLAGS, VllmServer, ddtree_lines, engine_error_lines,  # noqa: E402
+                         log_excerpt,
                          spec_decode_stats)
 from physical_bound import bound_tokens_per_s, model_bytes  # noqa: E402
 import profiles as prof  # noqa: E402
@@ -176,6 +177,13 @@ def run_bench(base_url: str, model: str, tokenizer: str, dataset: Path, requests
         result = bench_main(args)
     result["client_argv"] = ["vllm", "bench", "serve", *argv]
     return result
+
+
+def missing_output_tokens(res: dict, output_len: int) -> int:
+    """Output tokens a point lacks: ignore_eos requests all run to output_len (0: none missing)."""
+    completed = int(res.get("completed") or 0)
+    total = int(res.get("total_output_tokens") or 0)
+    return max(0, completed * output_len - total)
 
 
 def metrics(server: VllmServer) -> dict[str, float]:
@@ -397,6 +405,14 @@ def run(profile: prof.Profile, models: Path, model_label: str, out: Path, device
                                                      res.get("total_input_tokens", 0) / max(n, 1),
                                                      profile.output_len),
                          "bench": {k: v for k, v in res.items() if k not in SUMMARY_KEYS}}
+                short = missing_output_tokens(res, profile.output_len)
+                if short:
+                    # vllm bench counts a stream that ended in an error chunk (e.g. the engine
+                    # died mid-point) as a success: with ignore_eos every request must reach
+                    # output_len, so fewer tokens mean requests were cut short
+                    point["missing_output_tokens"] = short
+                    print(f"[{mode_name}] {cat} c={c}: {short} output tokens missing (requests cut "
+                          f"short: engine error?)", flush=True)
                 doc["points"].append(point)
                 save()
                 al_s = f" AL={al:.2f}" if stats else ""
@@ -411,6 +427,11 @@ def run(profile: prof.Profile, models: Path, model_label: str, out: Path, device
             entry["attention_backend_log"] = [l.split("] ", 1)[-1] for l in text.splitlines()
                                               if "backend" in l.lower() and "using" in l.lower()][:6]
             server_log.write_text(log_excerpt(text))
+            engine_error = engine_error_lines(text)
+            if engine_error:  # the root cause of an EngineDeadError, lost from the tail above
+                entry["engine_error"] = engine_error[:80]
+                (out / f"server-{name}.engine-error.log").write_text("\n".join(engine_error) + "\n")
+                print(f"[{name}] engine core failed; see server-{name}.engine-error.log", flush=True)
             save()
     doc["finished"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     doc["elapsed_s"] = round(clock() - guard.t0, 1)

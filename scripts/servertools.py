@@ -284,6 +284,19 @@ def ddtree_lines(log_text: str, limit: int = 8) -> list[str]:
     return out[:limit]
 
 
+def engine_error_lines(log_text: str, limit: int = 300) -> list[str]:
+    """The engine core's own failure (its first ERROR line and the traceback after it), which the
+    API server's EngineDeadError lines only point to ("See stack trace (above)"). A busy server
+    logs one EngineDeadError traceback per in-flight request after it, so a log tail alone loses
+    it. Lines of the engine-core process only ("(EngineCore..." prefix); [] when there is none."""
+    lines = log_text.splitlines()
+    first = next((i for i, l in enumerate(lines)
+                  if l.startswith("(EngineCore") and (" ERROR " in l or "Traceback" in l)), None)
+    if first is None:
+        return []
+    return [l for l in lines[first:] if l.startswith("(EngineCore")][:limit]
+
+
 def greedy_completions(base_url: str, prompts: list[list[int]], max_tokens: int,
                        logprobs: int | None = None, concurrency: int = 4, timeout: float = 600):
     """Greedy completions of token-id prompts through the openai client, as (token ids, top

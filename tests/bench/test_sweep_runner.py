@@ -55,7 +55,7 @@ def fake_run(tmp_path, monkeypatch):
             pass
 
         def log_text(self):
-            return ""
+            return cost.get("log_text", "")
 
         def alive(self):
             return id(self) not in dead
@@ -76,7 +76,9 @@ def fake_run(tmp_path, monkeypatch):
         k = (xargs or {}).get("ddtree_top_k", 0)
         # a made-up optimum at budget 16, top_k 4
         tput = 100.0 * concurrency / (1 + abs(b - 16) / 16 + abs(k - 4) / 4)
-        return {"output_throughput": tput, "completed": requests, "failed": 0}
+        short = cost.get("short_tokens", {}).get(concurrency, 0)
+        return {"output_throughput": tput, "completed": requests, "failed": 0,
+                "total_output_tokens": requests * output_len - short}
 
     servers: list[int] = []
 
@@ -181,6 +183,33 @@ def test_log_excerpt_keeps_the_first_error():
     assert len(out) == 400 + 70 + 2
     no_error = log_excerpt("\n".join(f"x{i}" for i in range(500)), tail=10).splitlines()
     assert no_error[0].startswith("[log_excerpt: the last 10") and len(no_error) == 11
+
+
+ENGINE_DEATH_LOG = """\
+(EngineCore_DP0 pid=7) INFO 11-23 22:47:50 [ddtree.py:1215] DDTree stats: steps=9
+(EngineCore_DP0 pid=7) ERROR 11-23 22:48:03 [core.py:1100] EngineCore encountered a fatal error.
+(EngineCore_DP0 pid=7) ERROR 11-23 22:48:03 [core.py:1100] Traceback (most recent call last):
+(EngineCore_DP0 pid=7) ERROR 11-23 22:48:03 [core.py:1100]   File "ddtree.py", line 1, in sample
+(EngineCore_DP0 pid=7) ERROR 11-23 22:48:03 [core.py:1100] RuntimeError: the root cause
+""" + "(APIServer pid=6) ERROR 11-23 22:48:04 [serving.py:495]   raise output\n" * 500
+
+
+def test_engine_failure_and_cut_short_points_are_recorded(fake_run, tmp_path):
+    """A sweep where the engine died mid-point (GPU sweep of 23 Nov: the c=64 point lacked 1193
+    tokens but counted every request as completed; the 400-line log tail held only the API
+    server's EngineDeadError tracebacks): the point records its missing tokens and the server's
+    entry keeps the engine core's own traceback."""
+    go, _, _, cost, _ = fake_run
+    cost["log_text"] = ENGINE_DEATH_LOG
+    cost["short_tokens"] = {64: 1193}
+    doc = go("gpu-sweep-12min")
+    short = [p for p in doc["points"] if p.get("missing_output_tokens")]
+    assert short and all(p["concurrency"] == 64 and p["missing_output_tokens"] == 1193 for p in short)
+    entry = doc["servers"]["ddtree-server-b64-k8"]
+    assert entry["engine_error"][0].endswith("EngineCore encountered a fatal error.")
+    assert entry["engine_error"][-1].endswith("RuntimeError: the root cause")
+    saved = (tmp_path / "out" / "server-ddtree-server-b64-k8.engine-error.log").read_text()
+    assert "RuntimeError: the root cause" in saved and "APIServer" not in saved
 
 
 def test_budget_guard_skips_and_keeps_room_for_later_servers(fake_run):
