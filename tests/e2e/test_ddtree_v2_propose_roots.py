@@ -29,6 +29,7 @@ states = pytest.importorskip("vllm.v1.worker.gpu.states")
 dflash = pytest.importorskip("vllm.v1.worker.gpu.spec_decode.dflash.speculator")
 
 from ddtree.tree import build_tree  # noqa: E402
+from tests.support.v2_stand_ins import bare_speculator, host_request_state  # noqa: E402
 
 OVERLAY = Path(__file__).resolve().parents[2] / "patches/files/vllm/v1/spec_decode/ddtree_v2.py"
 MAX_NUM_REQS, BUDGET, DEPTH, TOP_K, VOCAB, HIDDEN = 8, 6, 4, 3, 40, 5
@@ -44,43 +45,14 @@ def _load_overlay():
     return sys.modules[name]
 
 
-class _HostTensor:
-    """Stands in for V2's StagedWriteTensor / UvaBackedTensor (pinned memory needs CUDA)."""
-
-    def __init__(self, size, dtype, *args, **kwargs):
-        self.gpu = torch.zeros(size, dtype=dtype)
-        self.cpu = self.gpu
-        self.np = self.cpu.numpy()
-
-
 def _request_state(monkeypatch):
-    monkeypatch.setattr(states, "StagedWriteTensor", _HostTensor)
-    monkeypatch.setattr(states, "UvaBackedTensor", _HostTensor)
-    return states.RequestState(MAX_NUM_REQS, 64, 256, BUDGET, VOCAB, torch.device("cpu"))
-
-
-class _Head:
-    """The drafter's LM head: a fixed random projection of the sampled rows' hidden states."""
-
-    def __init__(self, seed):
-        self.w = torch.randn(HIDDEN, VOCAB, generator=torch.Generator().manual_seed(seed)) * 3
-
-    def compute_logits(self, hidden):
-        return hidden @ self.w
+    return host_request_state(states, monkeypatch, MAX_NUM_REQS, BUDGET, VOCAB)
 
 
 def _speculator(mod, seed):
-    spec = mod.DDTreeSpeculator.__new__(mod.DDTreeSpeculator)
-    spec.device, spec.dtype, spec.max_num_reqs, spec.vocab_size = (
-        torch.device("cpu"), torch.float32, MAX_NUM_REQS, VOCAB)
-    spec.num_speculative_steps = BUDGET  # as DFlash sized it (num_speculative_tokens = budget)
-    spec.draft_logits = None
-    spec._resize_for_depth(DEPTH, HIDDEN)
-    spec.ddtree_budget, spec.ddtree_top_k, spec.ddtree_chain_seed = BUDGET, TOP_K, True
-    spec.ddtree_state, spec.last_trees, spec.last_build_s = None, None, 0.0
-    spec.model = _Head(seed)
-    spec.tree_hidden.copy_(torch.randn(spec.tree_hidden.shape, generator=torch.Generator().manual_seed(seed)))
-    return spec
+    return bare_speculator(mod.DDTreeSpeculator, max_num_reqs=MAX_NUM_REQS, budget=BUDGET,
+                           depth=DEPTH, top_k=TOP_K, vocab=VOCAB, hidden=HIDDEN, seed=seed,
+                           random_hidden=True)
 
 
 def _propose(spec, rs, num_reqs, num_sampled, idx_mapping):

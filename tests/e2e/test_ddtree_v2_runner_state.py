@@ -22,31 +22,9 @@ glue = pytest.importorskip("vllm.v1.spec_decode.ddtree")
 from ddtree.tree import build_tree  # noqa: E402
 from ddtree.tree.naive import tree_walk_naive  # noqa: E402
 from ddtree.tree.types import DraftTree  # noqa: E402
+from tests.support.v2_stand_ins import GreedySampler, num_sampled_and_rejected  # noqa: E402
 
 BUDGET, VOCAB, HIDDEN = 6, 40, 5
-
-
-def _num_sampled_and_rejected(num_sampled, seq_lens, cu_num_logits, idx_mapping, prefill_len):
-    """Torch form of V2's Triton kernel (chunked prefills sample nothing)."""
-    n = idx_mapping.shape[0]
-    chunked = seq_lens[:n] < prefill_len[idx_mapping.long()]
-    num_logits = (cu_num_logits[1: n + 1] - cu_num_logits[:n]).to(num_sampled.dtype)
-    ns = torch.where(chunked, torch.zeros_like(num_sampled), num_sampled)
-    return ns, torch.where(chunked, torch.zeros_like(num_sampled), num_logits - ns)
-
-
-class FakeSampler:
-    logprobs_mode = "raw_logprobs"
-
-    def __init__(self, prefill_len):
-        self.req_states = SimpleNamespace(prefill_len=SimpleNamespace(gpu=prefill_len))
-
-    def returns_logprobs(self, idx_mapping_np):
-        return False
-
-    def sample(self, logits, expanded_idx_mapping, idx_mapping_np, pos, input_ids, expanded_local_pos,
-               return_logprobs=False):
-        return logits.argmax(-1), logits
 
 
 def _trees(seed: int):
@@ -89,7 +67,7 @@ def _step(seed: int, stale: bool = False):
         num_draft_tokens_per_req=np.full(3, BUDGET), cu_num_logits_np=cu,
         cu_num_logits=torch.from_numpy(cu), seq_lens=torch.from_numpy(prefix + q),
         idx_mapping=torch.arange(3, dtype=torch.int32))
-    runner.sampler = FakeSampler(torch.zeros(3, dtype=torch.long))
+    runner.sampler = GreedySampler(torch.zeros(3, dtype=torch.long))
     runner.block_tables = SimpleNamespace(input_block_tables=[torch.zeros(3, 4)])
     runner.rejection_sampler = None
     sched = SimpleNamespace(scheduled_spec_decode_tokens={r: [-1] * BUDGET for r in req_ids},
@@ -119,7 +97,7 @@ def _run_step(seed, monkeypatch) -> int:
     """One step checked against the reference; returns how many tree blocks left the chain."""
     import vllm.v1.worker.gpu.input_batch as v2_input_batch
 
-    monkeypatch.setattr(v2_input_batch, "get_num_sampled_and_rejected", _num_sampled_and_rejected)
+    monkeypatch.setattr(v2_input_batch, "get_num_sampled_and_rejected", num_sampled_and_rejected)
     state, batch, sched, trees, tokens = _step(seed)
     q = BUDGET + 1
     chain_pos = batch.positions.clone()

@@ -40,6 +40,9 @@ from vllm import SamplingParams  # noqa: E402
 from vllm.v1.core.sched.output import CachedRequestData, NewRequestData, SchedulerOutput  # noqa: E402
 from vllm.v1.request import Request  # noqa: E402
 
+from tests.support.v2_stand_ins import (GreedySampler, bare_speculator,  # noqa: E402
+                                        host_request_state, num_sampled_and_rejected)
+
 FILES = Path(__file__).resolve().parents[2] / "patches/files/vllm/v1/spec_decode"
 MAX_NUM_REQS, BUDGET, DEPTH, TOP_K, VOCAB, HIDDEN = 8, 6, 4, 3, 40, 5
 Q = BUDGET + 1  # the runner's decode_query_len
@@ -81,73 +84,23 @@ def glue_modules(monkeypatch):
     monkeypatch.setattr(dflash.DFlashSpeculator, "propose", lambda self, *a, **k: None)
     import vllm.v1.worker.gpu.input_batch as v2_input_batch
 
-    monkeypatch.setattr(v2_input_batch, "get_num_sampled_and_rejected", _num_sampled_and_rejected)
+    monkeypatch.setattr(v2_input_batch, "get_num_sampled_and_rejected", num_sampled_and_rejected)
     yield glue, v2
     glue._set_current(None)
 
 
-class _HostTensor:
-    """Stands in for V2's StagedWriteTensor / UvaBackedTensor (pinned memory needs CUDA)."""
-
-    def __init__(self, size, dtype, *args, **kwargs):
-        self.gpu = torch.zeros(size, dtype=dtype)
-        self.cpu = self.gpu
-        self.np = self.cpu.numpy()
-
-
-def _num_sampled_and_rejected(num_sampled, seq_lens, cu_num_logits, idx_mapping, prefill_len):
-    """Torch form of V2's Triton kernel (chunked prefills sample nothing)."""
-    n = idx_mapping.shape[0]
-    chunked = seq_lens[:n] < prefill_len[idx_mapping.long()]
-    num_logits = (cu_num_logits[1: n + 1] - cu_num_logits[:n]).to(num_sampled.dtype)
-    ns = torch.where(chunked, torch.zeros_like(num_sampled), num_sampled)
-    return ns, torch.where(chunked, torch.zeros_like(num_sampled), num_logits - ns)
-
-
-class _Sampler:
-    """V2's Sampler.sample for greedy targets (the warm-up's logits are random anyway)."""
-    logprobs_mode = "raw_logprobs"
-
-    def __init__(self, prefill_len):
-        self.req_states = SimpleNamespace(prefill_len=SimpleNamespace(gpu=prefill_len))
-
-    def returns_logprobs(self, idx_mapping_np):
-        return False
-
-    def sample(self, logits, expanded_idx_mapping, idx_mapping_np, pos, input_ids, expanded_local_pos,
-               return_logprobs=False):
-        return logits.argmax(-1), logits
-
-
-class _Head:
-    def __init__(self, seed):
-        self.w = torch.randn(HIDDEN, VOCAB, generator=torch.Generator().manual_seed(seed)) * 3
-
-    def compute_logits(self, hidden):
-        return hidden @ self.w
-
-
 def _engine(v2, monkeypatch):
     """The runner's pieces the glue touches: V2's own RequestState, our speculator and state."""
-    monkeypatch.setattr(states, "StagedWriteTensor", _HostTensor)
-    monkeypatch.setattr(states, "UvaBackedTensor", _HostTensor)
-    rs = states.RequestState(MAX_NUM_REQS, 64, 256, BUDGET, VOCAB, torch.device("cpu"))
+    rs = host_request_state(states, monkeypatch, MAX_NUM_REQS, BUDGET, VOCAB)
     runner = SimpleNamespace(
         req_states=rs, speculative_config=SimpleNamespace(
             ddtree_budget=BUDGET, ddtree_top_k=TOP_K, ddtree_chain_seed=True, ddtree_max_depth=DEPTH),
-        sampler=_Sampler(torch.full((MAX_NUM_REQS,), PROMPT_LEN, dtype=torch.long)),
+        sampler=GreedySampler(torch.full((MAX_NUM_REQS,), PROMPT_LEN, dtype=torch.long)),
         block_tables=SimpleNamespace(input_block_tables=[torch.zeros(MAX_NUM_REQS, 4)]),
         rejection_sampler=None)
     state = v2.DDTreeV2RunnerState(runner)
-    spec = v2.DDTreeSpeculator.__new__(v2.DDTreeSpeculator)
-    spec.device, spec.dtype, spec.max_num_reqs, spec.vocab_size = (
-        torch.device("cpu"), torch.float32, MAX_NUM_REQS, VOCAB)
-    spec.num_speculative_steps = BUDGET
-    spec.draft_logits = None
-    spec._resize_for_depth(DEPTH, HIDDEN)
-    spec.ddtree_budget, spec.ddtree_top_k, spec.ddtree_chain_seed = BUDGET, TOP_K, True
-    spec.last_trees, spec.last_build_s = None, 0.0
-    spec.model = _Head(0)
+    spec = bare_speculator(v2.DDTreeSpeculator, max_num_reqs=MAX_NUM_REQS, budget=BUDGET, depth=DEPTH,
+                           top_k=TOP_K, vocab=VOCAB, hidden=HIDDEN, seed=0, random_hidden=False)
     spec.ddtree_state = state
     return runner, rs, state, spec
 
