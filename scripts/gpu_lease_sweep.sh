@@ -14,6 +14,8 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 wait_s=${1:?seconds to wait for the other jobs}; shift
 J=scripts/gpu_jobs.sh
+JOBS=${JOBS_ROOT:-/opt/jobs}     # where gpu_jobs.sh keeps the jobs (the same default)
+NEWPAIR=${NEWPAIR:-/opt/newpair}  # where a trained pair is unpacked
 OUTD=${JOB_OUT:?run me through gpu_jobs.sh}
 # the sweep owns the GPU: the shared-GPU engine settings are for the checks only
 unset DDTREE_GPU_MEM_UTIL DDTREE_KV_CACHE_GIB
@@ -22,13 +24,13 @@ export TRITON_CACHE_AUTOTUNING=1 DDTREE_STACKS_EVERY_S=${DDTREE_STACKS_EVERY_S:-
 if (( $# )); then
   bash $J wait "$wait_s" "$@"
   for n in "$@"; do
-    [[ -f "${JOBS_ROOT:-/opt/jobs}/$n/rc" ]] || { echo "sweep: $n still running: killing it"; bash $J kill "$n"; }
+    [[ -f "$JOBS/$n/rc" ]] || { echo "sweep: $n still running: killing it"; bash $J kill "$n"; }
   done
 fi
 
 models=$PWD/models/tiny-pair
-report=${JOBS_ROOT:-/opt/jobs}/train/out/train_report.json
-if ls "${JOBS_ROOT:-/opt/jobs}"/train/out/pair.tar.part-* > /dev/null 2>&1 && [[ -f $report ]]; then
+report=$JOBS/train/out/train_report.json
+if ls "$JOBS"/train/out/pair.tar.part-* > /dev/null 2>&1 && [[ -f $report ]]; then
   verdict=$(python3 - "$report" models/tiny-pair/train_report.json <<'PY'
 import json, sys
 key = "acceptance_engine_like_heldout"
@@ -38,8 +40,8 @@ PY
 )
   echo "sweep: trained drafter vs committed (engine-like held-out AL): $verdict"
   if [[ $verdict == new* ]]; then
-    rm -rf ${NEWPAIR:-/opt/newpair} && mkdir -p ${NEWPAIR:-/opt/newpair}
-    cat "${JOBS_ROOT:-/opt/jobs}"/train/out/pair.tar.part-* | tar x -C ${NEWPAIR:-/opt/newpair} && models=${NEWPAIR:-/opt/newpair}/tiny-pair
+    rm -rf "$NEWPAIR" && mkdir -p "$NEWPAIR"
+    cat "$JOBS"/train/out/pair.tar.part-* | tar x -C "$NEWPAIR" && models=$NEWPAIR/tiny-pair
   fi
 fi
 echo "models: $models (${verdict:-no trained pair})" | tee "$OUTD/models.txt"

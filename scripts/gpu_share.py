@@ -43,15 +43,6 @@ def engine_memory_kwargs(default_util: float) -> dict:
     return kwargs
 
 
-def engine_memory_cli(default_util: float) -> list[str]:
-    """The same settings as ``vllm serve`` flags."""
-    kw = engine_memory_kwargs(default_util)
-    flags = ["--gpu-memory-utilization", str(kw["gpu_memory_utilization"])]
-    if "kv_cache_memory_bytes" in kw:
-        flags += ["--kv-cache-memory-bytes", str(kw["kv_cache_memory_bytes"])]
-    return flags
-
-
 def gpu_shared() -> bool:
     """True when the shared-GPU settings are on (timings then carry that caveat)."""
     return bool(os.environ.get("DDTREE_GPU_MEM_UTIL") or os.environ.get("DDTREE_KV_CACHE_GIB"))

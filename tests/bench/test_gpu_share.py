@@ -12,7 +12,6 @@ def test_defaults_without_env(monkeypatch):
     monkeypatch.delenv("DDTREE_GPU_MEM_UTIL", raising=False)
     monkeypatch.delenv("DDTREE_KV_CACHE_GIB", raising=False)
     assert gpu_share.engine_memory_kwargs(0.5) == {"gpu_memory_utilization": 0.5}
-    assert gpu_share.engine_memory_cli(0.4) == ["--gpu-memory-utilization", "0.4"]
     assert not gpu_share.gpu_shared()
 
 
@@ -21,7 +20,6 @@ def test_shared_settings(monkeypatch):
     monkeypatch.setenv("DDTREE_KV_CACHE_GIB", "1.5")
     kw = gpu_share.engine_memory_kwargs(0.5)
     assert kw == {"gpu_memory_utilization": 0.12, "kv_cache_memory_bytes": 3 * (1 << 29)}
-    assert gpu_share.engine_memory_cli(0.5)[-2:] == ["--kv-cache-memory-bytes", str(3 * (1 << 29))]
     assert gpu_share.gpu_shared()
 
 
