@@ -13,13 +13,11 @@ trees are accepted along siblings:
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.support.child import run_json_child
 from tests.support.equality import compare_greedy
 from tests.support.prompts import token_prompts
 
@@ -49,13 +47,8 @@ TREE_SPEC = {"method": "dflash_ddtree", "model": str(PAIR / "drafter"), "ddtree_
 
 
 def run_engine(cfg: dict, env: dict | None = None) -> dict:
-    e = dict(os.environ, PYTHONPATH=str(REPO), **(env or {}))
-    p = subprocess.run([sys.executable, str(Path(__file__).with_name("engine_run.py")),
-                        json.dumps(cfg)], capture_output=True, text=True, env=e, timeout=1200,
-                       cwd=REPO)
-    line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    assert line, f"engine run failed:\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
-    return json.loads(line[len("RESULT "):])
+    return run_json_child(Path(__file__).with_name("engine_run.py"), cfg, env, timeout=1200,
+                          what="engine run")
 
 
 def oracle_env(oracle: Path) -> dict:

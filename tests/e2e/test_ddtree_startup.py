@@ -8,12 +8,11 @@ the counted entry points must run (so a probe that counts nothing fails)."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.support.child import run_json_child
 
 REPO = Path(__file__).resolve().parents[2]
 PAIR = REPO / "models" / "tiny-pair"
@@ -25,13 +24,8 @@ pytestmark = pytest.mark.slow
 
 
 def _probe(cfg: dict) -> dict:
-    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
-    p = subprocess.run([sys.executable, str(Path(__file__).with_name("startup_probe.py")),
-                        json.dumps(cfg)], capture_output=True, text=True, env=env, timeout=900,
-                       cwd=REPO)
-    line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
-    assert line, f"probe failed:\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
-    return json.loads(line[len("RESULT "):])
+    return run_json_child(Path(__file__).with_name("startup_probe.py"), cfg,
+                          {"HF_HUB_OFFLINE": "1"}, timeout=900, what="probe")
 
 
 def test_engine_start_runs_no_tree_work_at_budget_64_x_64_sequences(log_dir):
