@@ -97,13 +97,19 @@ def main() -> None:
     prompts = {c: [json.loads(line)["prompt"] for line in open(args.prompts / f"{c}.jsonl")]
                for c in ("code", "prose")}
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    doc = {"device": device, "models": str(args.models), "output_len": args.output_len,
+    doc = {"device": device, "tree_attention": os.environ.get("DDTREE_TREE_ATTENTION", "default"),
+           "models": str(args.models), "output_len": args.output_len,
            "max_num_seqs": args.max_num_seqs, "phases": [], "error": None}
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "ddtree_load_repro.json"
     from vllm import LLM
 
-    kw = {"gpu_memory_utilization": 0.5} if torch.cuda.is_available() else {}
+    kw = {}
+    if torch.cuda.is_available():  # the sweep server's 0.5, or the shared-GPU settings (gpu_share)
+        sys.path.insert(0, str(REPO / "scripts"))
+        from gpu_share import engine_memory_kwargs
+
+        kw = engine_memory_kwargs(0.5)
     llm = LLM(model=str(args.models / "target"), enforce_eager=True, max_model_len=4096,
               language_model_only=True, enable_prefix_caching=False, seed=0,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,

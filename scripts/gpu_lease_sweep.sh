@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The serving sweep of one GPU lease, run as a background job (scripts/gpu_jobs.sh) after the
-# lease's other jobs: waits for them, picks the drafter, then runs gpu-sweep-12min's servers one
+# lease's other jobs: waits for them, picks the drafter, then runs $SWEEP_PROFILE's servers one
 # after another with the GPU to itself, then the DDTree step profile.
 #
 #   bash scripts/gpu_jobs.sh start sweep bash scripts/gpu_lease_sweep.sh WAIT_S [JOB...]
@@ -17,6 +17,7 @@ J=scripts/gpu_jobs.sh
 JOBS=${JOBS_ROOT:-/opt/jobs}     # where gpu_jobs.sh keeps the jobs (the same default)
 NEWPAIR=${NEWPAIR:-/opt/newpair}  # where a trained pair is unpacked
 OUTD=${JOB_OUT:?run me through gpu_jobs.sh}
+PROFILE=${SWEEP_PROFILE:-gpu-sweep-12min}  # or gpu-sweep-graphs (CUDA graphs)
 # the sweep owns the GPU: the shared-GPU engine settings are for the checks only
 unset DDTREE_GPU_MEM_UTIL DDTREE_KV_CACHE_GIB
 export TRITON_CACHE_AUTOTUNING=1 DDTREE_STACKS_EVERY_S=${DDTREE_STACKS_EVERY_S:-30} \
@@ -49,13 +50,13 @@ sha256sum "$models"/drafter/model.safetensors | tee -a "$OUTD/models.txt"
 
 label="trained tiny pair"
 t0=$(date +%s)
-python3 benchmarks/run_profile.py --profile gpu-sweep-12min --servers ddtree-server-b64-k8 \
+python3 benchmarks/run_profile.py --profile "$PROFILE" --servers ddtree-server-b64-k8 \
   --models "$models" --model-label "$label" --device-name h100 \
   --budget-s "${SWEEP_DDTREE_S:-720}" --server-timeout 480 --out "$OUTD/sweep-ddtree"
 echo "sweep: ddtree server done in $(( $(date +%s) - t0 )) s"
 (cd "${TRITON_CACHE_DIR:-/opt/triton-cache}" && find . -name '*.autotune.json' | tar czf "$OUTD/triton-autotune-h100.tgz" -T -)
 t0=$(date +%s)
-python3 benchmarks/run_profile.py --profile gpu-sweep-12min --servers "${SWEEP_BASE_SERVERS:-dflash,nospec}" \
+python3 benchmarks/run_profile.py --profile "$PROFILE" --servers "${SWEEP_BASE_SERVERS:-dflash,nospec}" \
   --models "$models" --model-label "$label" --device-name h100 \
   --budget-s "${SWEEP_BASE_S:-480}" --server-timeout 300 --out "$OUTD/sweep-base"
 echo "sweep: base servers done in $(( $(date +%s) - t0 )) s"

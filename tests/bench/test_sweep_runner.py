@@ -290,3 +290,15 @@ def test_cpu_sweep_smoke_end_to_end(tiny_models, tmp_path):
                 {"vllm_xargs": p["xargs"]}, sort_keys=True)]
     assert not doc["skipped"]
     assert "ddtree-server-b8-k2" in (out / "summary.md").read_text()
+
+
+def test_graphs_sweep_is_the_eager_sweep_with_graphs():
+    """gpu-sweep-graphs must measure the same points as gpu-sweep-12min (so the two compare), only
+    without --enforce-eager."""
+    eager, graphs = profiles.PROFILES["gpu-sweep-12min"], profiles.PROFILES["gpu-sweep-graphs"]
+    key = lambda p: [(m.name, cat, c, st) for m, cat, c, st in p.points()]  # noqa: E731
+    assert key(graphs) == key(eager)
+    assert graphs.servers() == eager.servers()
+    assert "--enforce-eager" in eager.extra_server_args
+    assert "--enforce-eager" not in graphs.extra_server_args
+    assert (graphs.output_len, graphs.best_of) == (eager.output_len, eager.best_of)
