@@ -110,6 +110,8 @@ def main() -> None:
         from gpu_share import engine_memory_kwargs
 
         kw = engine_memory_kwargs(0.5)
+        # like the sweep servers: vLLM picks FlashInfer's SM90 GDN prefill, which the bundle lacks
+        kw["additional_config"] = {"gdn_prefill_backend": "triton"}
     llm = LLM(model=str(args.models / "target"), enforce_eager=True, max_model_len=4096,
               language_model_only=True, enable_prefix_caching=False, seed=0,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
