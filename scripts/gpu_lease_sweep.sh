@@ -20,8 +20,9 @@ OUTD=${JOB_OUT:?run me through gpu_jobs.sh}
 PROFILE=${SWEEP_PROFILE:-gpu-sweep-12min}  # or gpu-sweep-graphs (CUDA graphs)
 # the sweep owns the GPU: the shared-GPU engine settings are for the checks only
 unset DDTREE_GPU_MEM_UTIL DDTREE_KV_CACHE_GIB
-export TRITON_CACHE_AUTOTUNING=1 DDTREE_STACKS_EVERY_S=${DDTREE_STACKS_EVERY_S:-30} \
-  VLLM_USE_FLASHINFER_SAMPLER=0
+# no periodic stack dumps while measuring (a start that times out still dumps once, on SIGUSR1)
+unset DDTREE_STACKS_EVERY_S
+export TRITON_CACHE_AUTOTUNING=1 VLLM_USE_FLASHINFER_SAMPLER=0
 if (( $# )); then
   bash $J wait "$wait_s" "$@"
   for n in "$@"; do

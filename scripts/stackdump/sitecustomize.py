@@ -14,6 +14,15 @@ additionally dumps every N seconds (a timeline of where a slow start spends its 
 ``DDTREE_STACKS_FOR_S`` seconds of the process (default 600), so a long benchmark after the start
 does not fill the log.
 
+The periodic dumps are taken by a Python thread under the GIL (``sys._current_frames``), not by
+``faulthandler.dump_traceback_later``: faulthandler's watchdog thread reads the other threads' frames
+without the GIL, and on CPython 3.12 that segfaults a process whose threads are busy (cpython
+#131580, #140815). It killed two vLLM engine cores on the H100 on 24 Nov 2026 (each log ends
+mid-dump, then "engine core exited unexpectedly"), very likely the DDTree one of 23 Nov as well
+(``docs/ddtree-server-crash-2026-11-23.md``). The price: a
+process stuck in a C call that holds the GIL gets no periodic dump; the on-demand SIGUSR1 dump
+(faulthandler, once, on a start that already timed out) still sees it.
+
 Without ``DDTREE_STACKS_ON_SIGUSR1`` this module only hands over to the next ``sitecustomize`` on
 ``sys.path`` (Debian/Ubuntu ship one), which it always does, so shadowing it changes nothing else.
 """
@@ -42,13 +51,46 @@ def _register() -> None:
             os.register_at_fork(after_in_child=enrol)
     every = os.environ.get("DDTREE_STACKS_EVERY_S")
     if every:
-        import threading
+        for_s = float(os.environ.get("DDTREE_STACKS_FOR_S", "600"))
+        _start_periodic_dumps(float(every), for_s)
+        # a forked child has no copy of the thread: start its own timeline
+        os.register_at_fork(after_in_child=lambda: _start_periodic_dumps(float(every), for_s))
 
-        faulthandler.dump_traceback_later(float(every), repeat=True, file=sys.stderr)
-        stop = threading.Timer(float(os.environ.get("DDTREE_STACKS_FOR_S", "600")),
-                               faulthandler.cancel_dump_traceback_later)
-        stop.daemon = True
-        stop.start()
+
+def format_all_stacks(skip_ident=None) -> str:
+    """Every thread's Python stack, most recent call first (faulthandler's layout). Called with
+    the GIL held, so no frame changes while it is read."""
+    import threading
+    import traceback
+
+    names = {t.ident: t.name for t in threading.enumerate()}
+    out = [f"Stacks of pid {os.getpid()} (periodic, DDTREE_STACKS_EVERY_S):"]
+    for ident, frame in sys._current_frames().items():
+        if ident == skip_ident:
+            continue
+        out.append(f"Thread {ident:#x} [{names.get(ident, '?')}] (most recent call first):")
+        out += [f'  File "{fs.filename}", line {fs.lineno} in {fs.name}'
+                for fs in reversed(traceback.extract_stack(frame))]
+    return "\n".join(out) + "\n\n"
+
+
+def _start_periodic_dumps(every: float, for_s: float) -> None:
+    import threading
+    import time
+
+    def loop() -> None:
+        me = threading.get_ident()
+        end = time.monotonic() + for_s
+        while True:
+            time.sleep(every)
+            if time.monotonic() > end:
+                return
+            try:
+                os.write(2, format_all_stacks(skip_ident=me).encode("utf-8", "replace"))
+            except Exception:  # a diagnostics aid must never take the process down
+                return
+
+    threading.Thread(target=loop, name="ddtree-stacks", daemon=True).start()
 
 
 def _chain_next_sitecustomize() -> None:

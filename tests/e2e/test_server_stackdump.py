@@ -126,3 +126,31 @@ def test_periodic_dumps_stop_after_their_window(tmp_path):
                         "waiting_here()"], env=env, capture_output=True, text=True, timeout=60)
     dumps = p.stderr.count("waiting_here")
     assert 2 <= dumps <= 4, p.stderr  # ~3 in the first second, none in the two after
+
+
+def test_periodic_dumps_survive_busy_threads_and_name_them():
+    """The periodic dumps read frames under the GIL: a process whose threads are busy calling
+    Python survives dumps every 2 ms (faulthandler.dump_traceback_later, used before, segfaults
+    such a process: it killed vLLM engine cores on the H100), and each thread comes with its name."""
+    import json
+    import os
+    import subprocess
+
+    stress = servertools.STACKDUMP_DIR / "stress_check.py"
+    p = subprocess.run([sys.executable, str(stress), "--trials", "2", "--seconds", "2"],
+                       capture_output=True, text=True, timeout=300)
+    doc = json.loads(p.stdout.strip().splitlines()[-1])
+    assert doc["gil-thread"] == [0, 0], (doc, p.stderr[-2000:])
+
+    env = dict(os.environ, PYTHONPATH=str(servertools.STACKDUMP_DIR), DDTREE_STACKS_EVERY_S="0.05")
+    env.pop(STACKS_ENV, None)
+    code = ("import threading, time\n"
+            "def spinning_here(end):\n"
+            "    while time.monotonic() < end: sum(range(50))\n"
+            "end = time.monotonic() + 1\n"
+            "t = threading.Thread(target=spinning_here, args=(end,), name='spinner'); t.start()\n"
+            "spinning_here(end); t.join()\n")
+    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "[spinner] (most recent call first)" in p.stderr and "in spinning_here" in p.stderr, p.stderr[-2000:]
+    assert "[ddtree-stacks]" not in p.stderr  # the dumping thread leaves itself out
