@@ -12,6 +12,8 @@ engines in one process trip over vLLM's kernel registration), in-process engine 
 - ``ddtree-oracle``: tree verify with a test drafter whose top-1 is wrong and top-2 right at every
   depth (tests/support/oracle_drafter.py): accepted paths must leave the top-1 chain;
 - ``ddtree-graphs``: ``ddtree`` with CUDA graphs (piecewise; the others run eager).
+- ``ddtree-b32k1-graphs``, ``ddtree-b64k8-graphs`` (only when named in ``--modes``): the sweep's
+  larger verify blocks (33 / 65 tokens per request) with CUDA graphs.
 
 Equality uses the team rule (tests/support/equality.py: identical up to the first divergence, which
 must be a tie of the reference's top-2 logits within bf16 noise). Speed: greedy, ignore_eos,
@@ -47,6 +49,11 @@ def mode_configs(models: Path) -> dict[str, dict]:
         "ddtree": {"spec": tree},
         "ddtree-oracle": {"spec": dict(tree, ddtree_budget=32), "oracle": True},
         "ddtree-graphs": {"spec": tree, "graphs": True},
+        # the sweep's larger shapes under graphs (not in the default --modes): on the H100 with
+        # graphs + FlashInfer, b32/b64 top_k 1 accepted more than b8/b16 top_k 1 (same chain trees),
+        # 24 Nov 2026; these check that the bigger verify blocks still give the target's tokens
+        "ddtree-b32k1-graphs": {"spec": dict(tree, ddtree_budget=32, ddtree_top_k=1), "graphs": True},
+        "ddtree-b64k8-graphs": {"spec": dict(tree, ddtree_budget=64, ddtree_top_k=8), "graphs": True},
     }
 
 
