@@ -12,6 +12,8 @@ engines in one process trip over vLLM's kernel registration), in-process engine 
 - ``ddtree-oracle``: tree verify with a test drafter whose top-1 is wrong and top-2 right at every
   depth (tests/support/oracle_drafter.py): accepted paths must leave the top-1 chain;
 - ``ddtree-graphs``: ``ddtree`` with CUDA graphs (piecewise; the others run eager).
+- ``ddtree-default-graphs``: the product's default shape (budget 32, top_k 8: the config defaults)
+  with CUDA graphs and the default tree attention, as ``vllm serve`` runs it.
 - ``ddtree-b32k1-graphs``, ``ddtree-b64k8-graphs`` (only when named in ``--modes``): the sweep's
   larger verify blocks (33 / 65 tokens per request) with CUDA graphs.
 
@@ -52,6 +54,8 @@ def mode_configs(models: Path) -> dict[str, dict]:
         # the sweep's larger shapes under graphs (not in the default --modes): on the H100 with
         # graphs + FlashInfer, b32/b64 top_k 1 accepted more than b8/b16 top_k 1 (same chain trees),
         # 24 Nov 2026; these check that the bigger verify blocks still give the target's tokens
+        # the product's default shape (config defaults: budget 32, top_k 8) as a server runs it
+        "ddtree-default-graphs": {"spec": {"method": "dflash_ddtree", "model": drafter}, "graphs": True},
         "ddtree-b32k1-graphs": {"spec": dict(tree, ddtree_budget=32, ddtree_top_k=1), "graphs": True},
         "ddtree-b64k8-graphs": {"spec": dict(tree, ddtree_budget=64, ddtree_top_k=8), "graphs": True},
     }
@@ -211,7 +215,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("out", type=Path)
     ap.add_argument("--models", type=Path, default=REPO / "models" / "tiny-pair")
-    ap.add_argument("--modes", default="target,dflash,ddtree,ddtree-oracle,ddtree-graphs")
+    ap.add_argument("--modes", default="target,dflash,ddtree,ddtree-oracle,ddtree-graphs,"
+                                       "ddtree-default-graphs")
     ap.add_argument("--quick", action="store_true", help="few prompts/tokens (CPU smoke run)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
