@@ -24,14 +24,13 @@ import json
 import os
 import platform
 import re
-import statistics
 import sys
-import time
 
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from timing import median_ms  # noqa: E402  (benchmarks/timing.py)
 from ddtree.tree import (build_tree, draft_topk, flashinfer_custom_mask, flatten_tree,  # noqa: E402
                          sample_target_tokens, tree_walk)
 
@@ -55,24 +54,7 @@ def device_label(dev: str) -> tuple[str, str]:
 
 
 def timer(dev: str, fn, iters: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    if dev == "cuda":
-        torch.cuda.synchronize()
-        for _ in range(iters):
-            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            s.record()
-            fn()
-            e.record()
-            e.synchronize()
-            times.append(s.elapsed_time(e))
-    else:
-        for _ in range(iters):
-            t = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+    return median_ms(fn, iters, warmup=warmup, device=dev)
 
 
 def make_inputs(B, L, K, budget, dev, seed=0):

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ import triton  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from timing import median_ms  # noqa: E402  (benchmarks/timing.py, beside this script)
 from ddtree.ops.gdn import (commit_conv_state, commit_recurrent_state,  # noqa: E402
                             make_conv_commit_plan, tree_conv1d_update)
 from ddtree.ops.gdn.tree_delta_rule import tree_gated_delta_rule_triton  # noqa: E402
@@ -49,18 +49,7 @@ def bench(fn, reps=30, warmup=5):
         t0 = time.perf_counter()
         fn()
         return (time.perf_counter() - t0) * 1e3
-    for _ in range(warmup):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e))
-    return statistics.median(times)
+    return median_ms(fn, reps, warmup=warmup, device="cuda")
 
 
 def copy_bandwidth():

@@ -40,6 +40,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from timing import median_ms  # noqa: E402  (benchmarks/timing.py)
 
 TOL = 3e-2  # bf16 output: a few ulps at |x| ~ 2, far below what a wrong mask does (~0.1 .. 1)
 PATH_LOG_LINE = "DDTree tree attention path: flashinfer"
@@ -151,19 +154,7 @@ def kernel_check(quick: bool) -> list[dict]:
 
 
 def _median_ms(fn, reps: int) -> float:
-    import torch
-
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    return median_ms(fn, reps, warmup=1, device="cuda")
 
 
 def _host_ms(fn, reps: int) -> float:
