@@ -73,32 +73,19 @@ def _runner(llm):
 
 
 def _fallback_counts() -> dict[str, float]:
-    """``vllm:ddtree_fallback_total`` samples of this process's counter, by reason label.
-
-    The counter is incremented while the config is validated, before vLLM's stat logger starts;
-    the logger then unregisters every ``vllm:*`` collector from the default registry (vLLM's
-    ``unregister_vllm_metrics``), so in an offline ``LLM`` it is no longer in ``REGISTRY``. A live
-    server still exports it (multiprocess files; tests/e2e/test_serve_modes.py), so the counter
-    object itself is read here, the registry only when the counter is not reachable."""
+    """``vllm:ddtree_fallback_total`` samples in this process's metrics (``LLM.get_metrics()``'s
+    view), by reason label. The config counts the fallback before vLLM's stat logger starts; the
+    counter stays readable after the logger clears vLLM's collectors
+    (``vllm.config.ddtree._FallbackMetric``; tests/config/test_fallback_metric.py)."""
     try:
-        from prometheus_client import REGISTRY
+        from vllm.v1.metrics.reader import get_metrics_snapshot
     except ImportError:
         return {}
-    collectors = []
-    try:
-        from vllm.config.ddtree import record_fallback
-
-        if getattr(record_fallback, "_counter", None) is not None:
-            collectors.append(record_fallback._counter)
-    except ImportError:
-        pass
-    out = {}
-    for collector in collectors or [REGISTRY]:
-        for metric in collector.collect():
-            if metric.name in ("vllm:ddtree_fallback", "vllm:ddtree_fallback_total"):
-                for s in metric.samples:
-                    if s.name.endswith("_total"):
-                        out[s.labels.get("reason", "")] = s.value
+    out: dict[str, float] = {}
+    for m in get_metrics_snapshot():
+        if m.name == "vllm:ddtree_fallback":
+            reason = m.labels.get("reason", "")
+            out[reason] = out.get(reason, 0) + m.value
     return out
 
 

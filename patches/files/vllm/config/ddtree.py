@@ -331,18 +331,35 @@ def ddtree_graph_mode(vllm_config: Any) -> None:
 _FALLBACKS: dict[str, int] = {}
 
 
+class _FallbackMetric:
+    """Puts the fallback counter into prometheus' default registry through a collector that vLLM's
+    ``unregister_vllm_metrics`` leaves alone (it removes the collectors whose ``_name`` starts with
+    ``vllm:``, which its stat logger does when it starts, after the config has counted its
+    fallback), so an offline ``LLM.get_metrics()`` still sees it. A server runs prometheus in
+    multiprocess mode: there the counter's values reach /metrics through its mmap files."""
+
+    def __init__(self, counter) -> None:
+        self._counter = counter
+
+    def collect(self):
+        return self._counter.collect()
+
+
 def record_fallback(reason: str) -> None:
     """Count a fallback in the process's metrics (vllm:ddtree_fallback_total on /metrics)."""
     _FALLBACKS[reason] = _FALLBACKS.get(reason, 0) + 1
     try:
-        from prometheus_client import Counter, REGISTRY
+        from prometheus_client import REGISTRY, Counter
 
         counter = getattr(record_fallback, "_counter", None)
         if counter is None:
-            existing = REGISTRY._names_to_collectors.get("vllm:ddtree_fallback_total")  # noqa: SLF001
-            counter = existing or Counter("vllm:ddtree_fallback", "DDTree requests for the tree "
-                                          "path that fell back to flat DFlash", ["reason"])
+            counter = Counter("vllm:ddtree_fallback", "DDTree requests for the tree path that "
+                              "fell back to flat DFlash", ["reason"], registry=None)
             record_fallback._counter = counter
+            try:
+                REGISTRY.register(_FallbackMetric(counter))
+            except ValueError:  # the name is taken (a reloaded module's collector): count anyway
+                pass
         counter.labels(reason=reason.split(":")[0]).inc()
     except Exception:  # metrics are best effort; the log line above always appears
         pass
