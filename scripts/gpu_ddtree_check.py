@@ -51,11 +51,11 @@ def mode_configs(models: Path) -> dict[str, dict]:
         "ddtree": {"spec": tree},
         "ddtree-oracle": {"spec": dict(tree, ddtree_budget=32), "oracle": True},
         "ddtree-graphs": {"spec": tree, "graphs": True},
+        # the product's default shape (config defaults: budget 32, top_k 8) as a server runs it
+        "ddtree-default-graphs": {"spec": {"method": "dflash_ddtree", "model": drafter}, "graphs": True},
         # the sweep's larger shapes under graphs (not in the default --modes): on the H100 with
         # graphs + FlashInfer, b32/b64 top_k 1 accepted more than b8/b16 top_k 1 (same chain trees),
         # 24 Nov 2026; these check that the bigger verify blocks still give the target's tokens
-        # the product's default shape (config defaults: budget 32, top_k 8) as a server runs it
-        "ddtree-default-graphs": {"spec": {"method": "dflash_ddtree", "model": drafter}, "graphs": True},
         "ddtree-b32k1-graphs": {"spec": dict(tree, ddtree_budget=32, ddtree_top_k=1), "graphs": True},
         "ddtree-b64k8-graphs": {"spec": dict(tree, ddtree_budget=64, ddtree_top_k=8), "graphs": True},
     }
