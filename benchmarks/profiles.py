@@ -11,7 +11,7 @@ per-request shapes, and the runner records the server's own log line saying why.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 DFLASH_DEPTH = 15          # L = block_size - 1 for the block-16 drafters
 
@@ -184,14 +184,6 @@ PROFILES: dict[str, Profile] = {p.name: p for p in [
             # per device call (--servers splits it in two): a start ~1-2.5 min (eager; more on a
             # fresh host while Triton compiles the GDN kernels), points ~2-8 s each
             budget_s=360.0, server_start_s=90.0, server_reserve_s=150.0),
-    Profile("gpu-sweep-graphs", "GPU, CUDA graphs (the product setting: vLLM's default graph mode, "
-            "PIECEWISE for DDTree): the gpu-sweep-12min grid and curves without --enforce-eager. Graph "
-            "capture makes each server start longer; the DDTree server alone is one device call",
-            modes=ddtree_grid(BUDGETS, TOP_KS), concurrency=(1, 8), categories=("code",),
-            stages=(Stage((ddtree_best(SWEEP_SERVER), dflash(), nospec()), DOUBLING, ALL_CATEGORIES),),
-            best_of=(("code", 1), ("code", 8)), output_len=96, requests_per_slot=2,
-            min_requests=6, max_requests=128, warmups=1,
-            budget_s=480.0, server_start_s=180.0, server_reserve_s=150.0),
     Profile("gpu-ddtree-curve", "GPU, eager: one DDTree shape (budget 32, top_k 8: the best of the "
             "H100 grid of 2026-11-23) at concurrency 1..64 on code/prose/docmath, per request on a "
             "b64-k8 server like gpu-sweep-12min's, so its points compare with that sweep's flat DFlash "
@@ -203,3 +195,12 @@ PROFILES: dict[str, Profile] = {p.name: p for p in [
             modes=(nospec(), dflash(), *ddtree_grid(BUDGETS, (1, 8))),
             concurrency=DOUBLING, categories=ALL_CATEGORIES),
 ]}
+
+#: the same sweep with CUDA graphs (the product setting: vLLM's default graph mode, PIECEWISE for
+#: DDTree): gpu-sweep-12min's points without --enforce-eager, so the two compare point for point.
+#: Graph capture makes each server start longer; the DDTree server alone is one device call.
+PROFILES["gpu-sweep-graphs"] = replace(
+    PROFILES["gpu-sweep-12min"], name="gpu-sweep-graphs",
+    about="GPU, CUDA graphs: the gpu-sweep-12min grid and curves without --enforce-eager "
+                "(vLLM's default graph mode; PIECEWISE for DDTree)",
+    extra_server_args=(), budget_s=480.0, server_start_s=180.0)
