@@ -107,11 +107,9 @@ def main() -> None:
     kw = {}
     if torch.cuda.is_available():  # the sweep server's 0.5, or the shared-GPU settings (gpu_share)
         sys.path.insert(0, str(REPO / "scripts"))
-        from gpu_share import engine_memory_kwargs
+        from gpu_share import engine_memory_kwargs, gdn_prefill_config
 
-        kw = engine_memory_kwargs(0.5)
-        # like the sweep servers: vLLM picks FlashInfer's SM90 GDN prefill, which the bundle lacks
-        kw["additional_config"] = {"gdn_prefill_backend": "triton"}
+        kw = dict(engine_memory_kwargs(0.5), additional_config=gdn_prefill_config())
     llm = LLM(model=str(args.models / "target"), enforce_eager=True, max_model_len=4096,
               language_model_only=True, enable_prefix_caching=False, seed=0,
               max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,

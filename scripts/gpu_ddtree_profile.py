@@ -38,7 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from gpu_share import engine_memory_kwargs  # noqa: E402
+from gpu_share import engine_memory_kwargs, gdn_prefill_config  # noqa: E402
 
 from gpu_ddtree_check import (_tree_stats, child_env, mode_configs, prompts_for,  # noqa: E402
                               run_mode_process)
@@ -175,10 +175,7 @@ def run_child(cfg: dict) -> dict:
     if cfg.get("spec") and cfg["spec"].get("method") == "dflash_ddtree":
         _wrap_glue()
     t0 = time.monotonic()
-    # GDN prefill on the Triton kernels, as in gpu_ddtree_check: vLLM 0.26 picks FlashInfer's SM90
-    # GDN prefill on Hopper, which needs nvidia-cutlass-dsl (not in the offline bundle)
-    kwargs = dict(engine_memory_kwargs(0.5), additional_config={
-        "gdn_prefill_backend": os.environ.get("GDN_PREFILL", "triton")}) if cuda else {}
+    kwargs = dict(engine_memory_kwargs(0.5), additional_config=gdn_prefill_config()) if cuda else {}
     llm = LLM(model=cfg["model"], enforce_eager=True, max_model_len=2048, language_model_only=True,
               enable_prefix_caching=False, seed=0, max_num_seqs=8, speculative_config=cfg.get("spec"),
               disable_log_stats=True, **kwargs)

@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from gpu_share import engine_memory_kwargs  # noqa: E402
+from gpu_share import engine_memory_kwargs, gdn_prefill_config  # noqa: E402
 
 from gpu_ddtree_check import (_counters, _tree_stats, child_env, greedy_equality,  # noqa: E402
                               oracle_env, prompts_for, run_mode_process)
@@ -100,7 +100,7 @@ def run_one(cfg: dict) -> dict:
               language_model_only=True, enable_prefix_caching=False, seed=0, max_num_seqs=8,
               speculative_config=cfg.get("spec"), disable_log_stats=False,
               logprobs_mode="processed_logits", max_logprobs=4, **engine_memory_kwargs(0.5),
-              additional_config={"gdn_prefill_backend": os.environ.get("GDN_PREFILL", "triton")})
+              additional_config=gdn_prefill_config())
     startup_s = time.monotonic() - t0
     runner = _runner(llm)
     before = _counters(llm)

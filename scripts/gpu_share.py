@@ -9,6 +9,8 @@ drafter training run at the same time on one H100. Two vLLM settings make that w
   profile, whose assertion "initial free memory >= free memory after profiling" fails whenever
   another process on the GPU frees memory during the profile run.
 
+``gdn_prefill_config()`` is the one other engine setting they all share (the GDN prefill backend).
+
 Unset, the scripts keep their own defaults (one engine owning the GPU). Timings taken while the
 GPU is shared are not benchmark numbers; the checks record ``gpu_shared`` in their results.
 """
@@ -41,6 +43,13 @@ def engine_memory_kwargs(default_util: float) -> dict:
             raise ValueError(f"DDTREE_KV_CACHE_GIB must be positive, got {kv_gib}")
         kwargs["kv_cache_memory_bytes"] = int(kv_gib * (1 << 30))
     return kwargs
+
+
+def gdn_prefill_config() -> dict:
+    """``additional_config`` of every GPU engine the scripts start: GDN prefill on vLLM's Triton
+    kernels. vLLM 0.26 picks FlashInfer's SM90 GDN prefill on Hopper, which needs
+    nvidia-cutlass-dsl (not in the offline bundle); ``GDN_PREFILL`` names another backend."""
+    return {"gdn_prefill_backend": os.environ.get("GDN_PREFILL", "triton")}
 
 
 def gpu_shared() -> bool:

@@ -37,3 +37,10 @@ def test_vllm_accepts_the_keyword():
     """kv_cache_memory_bytes is an EngineArgs field of the pinned vLLM (it skips the memory profile)."""
     vllm_args = pytest.importorskip("vllm.engine.arg_utils")
     assert "kv_cache_memory_bytes" in vllm_args.EngineArgs.__dataclass_fields__
+
+
+def test_gdn_prefill_config_defaults_to_triton_and_takes_the_override(monkeypatch):
+    monkeypatch.delenv("GDN_PREFILL", raising=False)
+    assert gpu_share.gdn_prefill_config() == {"gdn_prefill_backend": "triton"}
+    monkeypatch.setenv("GDN_PREFILL", "flashinfer")
+    assert gpu_share.gdn_prefill_config() == {"gdn_prefill_backend": "flashinfer"}
