@@ -19,9 +19,9 @@ The periodic dumps are taken by a Python thread under the GIL (``sys._current_fr
 without the GIL, and on CPython 3.12 that segfaults a process whose threads are busy (cpython
 #131580, #140815). It killed two vLLM engine cores on the H100 on 24 Nov 2026 (each log ends
 mid-dump, then "engine core exited unexpectedly"), very likely the DDTree one of 23 Nov as well
-(``docs/ddtree-server-crash-2026-11-23.md``). The price: a
-process stuck in a C call that holds the GIL gets no periodic dump; the on-demand SIGUSR1 dump
-(faulthandler, once, on a start that already timed out) still sees it.
+(``docs/ddtree-server-crash-2026-11-23.md``). The price: a process stuck in a C call that holds
+the GIL gets no periodic dump; the on-demand SIGUSR1 dump (faulthandler, once, on a start that
+already timed out) still sees it.
 
 Without ``DDTREE_STACKS_ON_SIGUSR1`` this module only hands over to the next ``sitecustomize`` on
 ``sys.path`` (Debian/Ubuntu ship one), which it always does, so shadowing it changes nothing else.
@@ -51,10 +51,10 @@ def _register() -> None:
             os.register_at_fork(after_in_child=enrol)
     every = os.environ.get("DDTREE_STACKS_EVERY_S")
     if every:
-        for_s = float(os.environ.get("DDTREE_STACKS_FOR_S", "600"))
-        _start_periodic_dumps(float(every), for_s)
+        every_s, for_s = float(every), float(os.environ.get("DDTREE_STACKS_FOR_S", "600"))
+        _start_periodic_dumps(every_s, for_s)
         # a forked child has no copy of the thread: start its own timeline
-        os.register_at_fork(after_in_child=lambda: _start_periodic_dumps(float(every), for_s))
+        os.register_at_fork(after_in_child=lambda: _start_periodic_dumps(every_s, for_s))
 
 
 def format_all_stacks(skip_ident=None) -> str:
