@@ -18,6 +18,8 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
+from ddtree.transfer import to_device
+
 
 @dataclasses.dataclass
 class TreeAttentionPlan:
@@ -136,11 +138,11 @@ def plan_tree_attention(block_table: torch.Tensor, block_size: int, req_rows: to
     i_of = torch.arange(req_of.numel()) - first[req_of]
     index_h = torch.stack([starts_h[req_of] + i_of, req_of * Q + i_of])
     # one host->device copy for all the per-request vectors
-    packed = torch.cat([torch.stack([req_rows.cpu().long(), starts_h, prefix_h, qlen_h]).flatten(),
-                        index_h.flatten()]).to(dev)
+    packed = to_device(torch.cat([torch.stack([req_rows.cpu().long(), starts_h, prefix_h, qlen_h]).flatten(),
+                        index_h.flatten()]), dev)
     req_rows, starts, prefix, qlen = packed[: 4 * E].view(4, E)
     write_rows, write_src = packed[4 * E:].view(2, -1)
-    visible, depths = visible.to(dev), depths.to(dev).long()
+    visible, depths = to_device(visible, dev), to_device(depths, dev).long()
     kv_len = prefix + qlen
     j = torch.arange(L, device=dev)[None, :]  # key index
     used = j < kv_len[:, None]

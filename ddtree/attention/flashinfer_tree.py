@@ -191,6 +191,8 @@ def plan_flashinfer_tree(block_table, block_size: int, req_rows, starts, prefix_
     import numpy as np
     import torch
 
+    from ddtree.transfer import to_device
+
     if block_size < 1:
         raise ValueError(f"block_size: expected >= 1, got {block_size}")
     if block_table.dim() != 2:
@@ -244,7 +246,7 @@ def plan_flashinfer_tree(block_table, block_size: int, req_rows, starts, prefix_
     dev = block_table.device
     host = torch.from_numpy(np.concatenate([
         page_row, page_col, slot_row.reshape(-1), tok_pos.reshape(-1), q_rows]).astype(np.int64))
-    packed = host.to(dev, non_blocking=True) if dev.type == "cuda" else host.to(dev)
+    packed = to_device(host, dev)
     P, EQ = page_row.shape[0], E * Q
     pr, pc, sr, tp, qr = torch.split(packed, [P, P, EQ, EQ, q_rows.shape[0]])
     kv_indices = block_table[pr, pc].to(torch.int32)
@@ -269,6 +271,8 @@ def packed_tree_mask(visible, depths, prefix_lens: list[int], q_lens: list[int],
     bits are made as one prefix sum over run boundaries plus one scatter of the tree bits
     (O(total bits) bytes of temporary memory, no per-bit index arithmetic)."""
     import torch
+
+    from ddtree.transfer import to_device
 
     E = len(q_lens)
     Q = visible.shape[1] if E else 0
@@ -302,10 +306,8 @@ def packed_tree_mask(visible, depths, prefix_lens: list[int], q_lens: list[int],
     col_ok = row_ok[:, None, :] & row_ok[:, :, None]  # [E, Q(i), Q(n)]
     tree_pos = torch.where(col_ok, (row_base + prefix[:, None])[:, :, None] + i[None, None, :], dump)
     host = torch.cat([run_start.flatten(), run_end.flatten(), tree_pos.flatten(), byte_indptr])
-    to_dev = (lambda t: t.to(device, non_blocking=True)) if torch.device(device).type == "cuda" \
-        else (lambda t: t.to(device))
-    idx = to_dev(host)  # one copy for the indices, one for the tree bits
-    vals = to_dev(tree_vis.flatten())
+    idx = to_device(host, device)  # one copy for the indices, one for the tree bits
+    vals = to_device(tree_vis.flatten(), device)
     starts_d, ends_d, tree_d, indptr_d = torch.split(idx, [E * Q, E * Q, E * Q * Q, E + 1])
     delta = torch.zeros(total_bits + 1, dtype=torch.int8, device=device)
     ones = torch.ones(E * Q, dtype=torch.int8, device=device)
@@ -313,7 +315,7 @@ def packed_tree_mask(visible, depths, prefix_lens: list[int], q_lens: list[int],
     delta.index_add_(0, ends_d, -ones)
     bits = torch.cumsum(delta, 0, dtype=torch.int8) > 0  # run boundaries never overlap: 0 or 1
     bits[tree_d] = vals
-    weights = torch.tensor([1 << b for b in range(8)], dtype=torch.uint8, device=device)
+    weights = torch.pow(2, torch.arange(8, device=device)).to(torch.uint8)  # made on the device
     packed = (bits[:total_bits].view(total_bytes, 8).to(torch.uint8) * weights).sum(
         -1, dtype=torch.uint8) if total_bytes else torch.zeros(0, dtype=torch.uint8, device=device)
     return TreeMask(packed, indptr_d.to(torch.int32), byte_indptr.tolist(), wl)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from ddtree.transfer import to_device
+
 
 def _check_blocks(starts: torch.Tensor, q_lens: torch.Tensor) -> None:
     if starts.dim() != 1 or q_lens.shape != starts.shape:
@@ -37,8 +39,8 @@ def path_gather_index(num_rows: int, starts: torch.Tensor, accepted: torch.Tenso
     out = torch.arange(num_rows, device=dev)
     if starts.numel() == 0:
         return out
-    s = starts.to(dev).long()
-    m = num_accepted.to(dev).long()
+    s = to_device(starts, dev).long()
+    m = to_device(num_accepted, dev).long()
     if bool((m >= accepted.shape[1]).any()) or bool((m < 0).any()):
         raise ValueError(f"num_accepted: must lie in [0, {accepted.shape[1] - 1}]")
     j = torch.arange(accepted.shape[1], device=dev)[None, :]

@@ -386,6 +386,8 @@ def _spec_rows_host(step: TreeVerifyStep, md, num_spec: int):
 
 def _gdn_plan(step: TreeVerifyStep, md) -> _GdnTreePlan:
     global _DEVICE_CHECKS_DONE
+    from ddtree.transfer import to_device
+
     plan = step.gdn_plans.get(id(md))
     if plan is not None:
         return plan
@@ -427,9 +429,9 @@ def _gdn_plan(step: TreeVerifyStep, md) -> _GdnTreePlan:
     real_tokens = gather.reshape(-1)[real_nodes]
     S, N, R = num_spec, n_slots, real_nodes.shape[0]
     # one host->device copy for every per-step array of the plan
-    packed = torch.from_numpy(np.concatenate([
+    packed = to_device(torch.from_numpy(np.concatenate([
         parents.reshape(-1), num_nodes, gather.reshape(-1), real_nodes, real_tokens, req_rows,
-        is_tree.astype(np.int64)]).astype(np.int64)).to(dev)
+        is_tree.astype(np.int64)]).astype(np.int64)), dev)
     sizes = [S * N, S, S * N, R, R, S, S]
     parts = torch.split(packed, sizes)
     offsets = (num_acc - 1).clamp(min=0)
@@ -639,10 +641,11 @@ def restrict_trees(trees, roots: torch.Tensor, logits: torch.Tensor, budget: int
     nothing (root-only trees) and their next token comes from vLLM's own sampler.
     ``chain_rows``: grammar-constrained requests verify the top-1 chain: vLLM validates drafts and
     builds bitmasks as a token sequence, which is only right for a path."""
+    from ddtree.transfer import list_to_device
     from ddtree.tree import build_tree
 
     if flat_rows:
-        rows = torch.tensor(flat_rows, device=trees.token_ids.device)
+        rows = list_to_device(flat_rows, trees.token_ids.device)
         trees.num_nodes[rows] = 1
         trees.valid[rows, 1:] = False
         trees.parents[rows, 1:] = -1
@@ -651,7 +654,7 @@ def restrict_trees(trees, roots: torch.Tensor, logits: torch.Tensor, budget: int
     if chain_rows:
         chains = build_tree(root_token_ids=roots, budget=budget, top_k=1, draft_logits=logits,
                             chain_seed=True, row_budget=row_budget)
-        rows = torch.tensor(chain_rows, device=trees.token_ids.device)
+        rows = list_to_device(chain_rows, trees.token_ids.device)
         for f in ("token_ids", "parents", "depths", "ranks", "scores", "num_nodes", "valid"):
             getattr(trees, f)[rows] = getattr(chains, f)[rows]
 
@@ -752,6 +755,7 @@ class DDTreeRunnerState:
 
     # -- step 2: positions and masks ---------------------------------------------------------
     def on_positions(self, scheduler_output, num_reqs: int, num_scheduled_tokens: np.ndarray) -> None:
+        from ddtree.transfer import to_device
         from ddtree.tree import ancestor_mask_from_parents
 
         runner = self.runner
@@ -795,7 +799,7 @@ class DDTreeRunnerState:
         token_np = (info[1][:, None] + cols[None, :])[in_block_np]
         pos_np = (info[3][:, None] + depths_np)[in_block_np]
         dev = runner.positions.device
-        token_pos = torch.from_numpy(np.stack([token_np, pos_np])).to(dev)  # one copy
+        token_pos = to_device(torch.from_numpy(np.stack([token_np, pos_np])), dev)  # one copy
         runner.positions[token_pos[0]] = token_pos[1].to(runner.positions.dtype)
         in_block, token = torch.from_numpy(in_block_np), torch.from_numpy(token_np)
         if getattr(runner, "uses_mrope", False):
@@ -817,6 +821,7 @@ class DDTreeRunnerState:
 
     # -- step 4: sample, walk and commit -----------------------------------------------------
     def sample(self, logits: torch.Tensor, spec_decode_metadata, sampling_metadata) -> SamplerOutput:
+        from ddtree.transfer import list_to_device, to_device
         from ddtree.tree import DraftTree, sample_target_tokens, tree_walk
 
         t0 = time.perf_counter()
@@ -850,9 +855,9 @@ class DDTreeRunnerState:
         draft_slot = (np.repeat(np.arange(num_reqs) * n + 1, nd)
                       + np.arange(int(cu_draft[-1])) - np.repeat(cu_draft[:-1], nd))
         max_depth = int(depths.max()) if depths.size else 0
-        packed = torch.from_numpy(np.concatenate([
+        packed = to_device(torch.from_numpy(np.concatenate([
             parents.reshape(-1), depths.reshape(-1), valid.reshape(-1), rows.reshape(-1),
-            draft_slot]).astype(np.int64)).to(dev)
+            draft_slot]).astype(np.int64)), dev)
         size = num_reqs * n
         parents_d, depths_d, valid_d, rows_d = (packed[k * size:(k + 1) * size].view(num_reqs, n)
                                                 for k in range(4))
@@ -885,7 +890,7 @@ class DDTreeRunnerState:
             # penalties, bad words, logit bias, min_tokens, ... applied as without speculation.
             root_out = runner.sampler(logits=logits[rows_d[:, 0]], sampling_metadata=sampling_metadata,
                                       predict_bonus_token=True)
-            f = torch.tensor(flat, device=dev)
+            f = list_to_device(flat, dev)
             out[f] = PLACEHOLDER_TOKEN_ID
             out[f, 0] = root_out.sampled_token_ids.view(-1)[f].to(torch.int32)
             walk.num_accepted[f] = 0
@@ -1015,6 +1020,8 @@ class DDTreeRunnerState:
 
     # -- step 5: drafter inputs along the accepted path ----------------------------------------
     def drafter_inputs(self, runner, aux_hidden_states, hidden_states):
+        from ddtree.transfer import to_device
+
         cad = self.verify_cad
         walk = self.last_walk
         assert cad is not None and walk is not None
@@ -1050,8 +1057,8 @@ class DDTreeRunnerState:
         new_seq_cpu = (seq_cpu[:num_reqs].long() - torch.from_numpy(q_lens)
                        + torch.from_numpy(counts)).to(torch.int32)
         num_tokens = int(token_indices_np.shape[0])
-        packed = torch.cat([torch.from_numpy(token_indices_np.astype(np.int64)), new_qsl_cpu.long(),
-                            new_seq_cpu.long()]).to(dev)  # one host->device copy
+        packed = to_device(torch.cat([torch.from_numpy(token_indices_np.astype(np.int64)),
+                                      new_qsl_cpu.long(), new_seq_cpu.long()]), dev)  # one copy
         token_indices = packed[:num_tokens]
         new_cad = CommonAttentionMetadata(
             query_start_loc=packed[num_tokens: num_tokens + num_reqs + 1].to(torch.int32),
@@ -1132,8 +1139,10 @@ def _kv_moves(block_slots: torch.Tensor, step: TreeVerifyStep, acc: torch.Tensor
     static=True: [E * Lw] pairs, no device->host sync; entries that move nothing copy the
     request's root row onto itself (the root is never a destination, and every such entry of a
     request writes the same values read before any write)."""
+    from ddtree.transfer import to_device
+
     dev = block_slots.device
-    rows = step.rows.to(dev)
+    rows = to_device(step.rows, dev)
     # [E, <= Q] node ids, root first: the walk's width follows the step's largest block, which a
     # chain request may make wider than every tree (per-request shapes); m < Q for tree requests
     path = acc.to(dev)[rows][:, : block_slots.shape[1]].long()

@@ -218,6 +218,7 @@ class DDTreeV2RunnerState(DDTreeRunnerState):
 
     # -- step 2: positions and masks (after the V2 slot mappings) --------------------------------
     def on_positions(self, scheduler_output, input_batch) -> None:  # noqa: D401 (V2 signature)
+        from ddtree.transfer import to_device
         from ddtree.tree import ancestor_mask_from_parents
         from ddtree.tree.verify_index import tree_positions
 
@@ -261,7 +262,7 @@ class DDTreeV2RunnerState(DDTreeRunnerState):
         visible = ancestor_mask_from_parents(parents, int(depths.max()))
         token, pos = tree_positions(starts, q_lens, prefix, depths)
         positions = input_batch.positions
-        positions[token.to(positions.device)] = pos.to(positions.device, positions.dtype)
+        positions[to_device(token, positions.device)] = to_device(pos, positions.device, positions.dtype)
         entries = [TreeEntry(int(rows[e]), int(starts[e]), int(q_lens[e]), int(prefix[e]),
                              parents[e, : int(q_lens[e])], min(picked[e][4].num_nodes, int(q_lens[e])),
                              visible[e, : int(q_lens[e]), : int(q_lens[e])], depths[e, : int(q_lens[e])])
@@ -313,17 +314,19 @@ class DDTreeV2RunnerState(DDTreeRunnerState):
         pos = model_inputs.get("positions")
         if step is None or pos is None or pos.dim() != 2:
             return
+        from ddtree.transfer import to_device
         from ddtree.tree.verify_index import tree_positions
 
         token, depth = tree_positions(step.starts, step.q_lens, torch.zeros_like(step.prefix_lens),
                                       step.depths)
         root = torch.repeat_interleave(step.starts, step.q_lens)
         dev = pos.device
-        pos[:, token.to(dev)] = pos[:, root.to(dev)] + depth.to(dev, pos.dtype)[None, :]
+        pos[:, to_device(token, dev)] = pos[:, to_device(root, dev)] + to_device(depth, dev, pos.dtype)[None, :]
 
     # -- step 4: sample, walk and commit -----------------------------------------------------
     def sample(self, logits: torch.Tensor, input_batch):  # noqa: D401 (V2 signature)
         """Replaces V2's rejection sampler for a batch with drafts; returns V2's SamplerOutput."""
+        from ddtree.transfer import to_device
         from ddtree.tree import DraftTree, tree_walk
         from ddtree.tree.verify_index import path_gather_index, verify_walk_arrays
         from vllm.v1.worker.gpu.input_batch import get_num_sampled_and_rejected
@@ -363,12 +366,17 @@ class DDTreeV2RunnerState(DDTreeRunnerState):
         tnn = torch.tensor([e.num_nodes for e in entries], dtype=torch.long)
         arrays = verify_walk_arrays(num_draft, cu, n, drafts, tr, tpar, tdep, tnn)
         depths = arrays["depths"]
-        tree = DraftTree(token_ids=arrays["token_ids"].to(dev), parents=arrays["parents"].to(dev),
-                         depths=depths.to(dev), ranks=torch.zeros_like(depths).to(dev),
+        # the walk's host arrays in one non-blocking copy
+        packed = to_device(torch.stack([arrays[k].long().view(num_reqs, n) for k in
+                                        ("token_ids", "parents", "depths", "valid", "rows")]), dev)
+        tokens_d, parents_d, depths_d, valid_d, rows_d = packed.unbind(0)
+        valid_d = valid_d.bool()
+        tree = DraftTree(token_ids=tokens_d, parents=parents_d, depths=depths_d,
+                         ranks=torch.zeros_like(depths_d),
                          scores=torch.zeros((num_reqs, n), dtype=torch.float32, device=dev),
-                         num_nodes=arrays["valid"].sum(1).to(dev), valid=arrays["valid"].to(dev),
+                         num_nodes=valid_d.sum(1), valid=valid_d,
                          max_depth=max(int(depths.max()) if depths.numel() else 0, 1), top_k=1)
-        target = target_rows.view(-1)[arrays["rows"].to(dev).flatten()].view(num_reqs, n)
+        target = target_rows.view(-1)[rows_d.flatten()].view(num_reqs, n)
         walk = tree_walk(tree, target)
         committed = walk.committed_token_ids
         out = torch.zeros((num_reqs, n), dtype=torch.int64, device=dev)
@@ -383,8 +391,8 @@ class DDTreeV2RunnerState(DDTreeRunnerState):
         if want_lp and rs is not None:
             # Committed token j was predicted by the row of accepted node j - 1: lay the rows out
             # along the path, then vLLM's chain logprobs code reads them in order.
-            lay = path_gather_index(logits.shape[0], torch.from_numpy(
-                np.asarray(input_batch.cu_num_logits_np[:num_reqs], dtype=np.int64)).to(dev),
+            lay = path_gather_index(logits.shape[0], to_device(torch.from_numpy(
+                np.asarray(input_batch.cu_num_logits_np[:num_reqs], dtype=np.int64)), dev),
                 walk.accepted_nodes, walk.num_accepted)
             src = processed if sampler.logprobs_mode in ("processed_logprobs", "processed_logits") else logits
             logprobs = rs._get_logprobs_tensors(input_batch, out, num_sampled, src[lay])
@@ -398,13 +406,14 @@ class DDTreeV2RunnerState(DDTreeRunnerState):
         the block's first rows and the block's positions become chain positions (prefix + j). The
         V2 DFlash input kernel keeps the first ``num_sampled`` rows of each block as context, at
         their positions, exactly as after a chain verify."""
+        from ddtree.transfer import list_to_device, to_device
         from ddtree.tree.verify_index import chain_positions, moved_rows, path_gather_index
 
         entries, walk = self.last_entries, self.last_walk
         if not entries or walk is None:
             return
         dev = input_batch.positions.device
-        rows = torch.tensor([e.req_index for e in entries], device=walk.accepted_nodes.device)
+        rows = list_to_device([e.req_index for e in entries], walk.accepted_nodes.device)
         starts = torch.tensor([e.start for e in entries])
         q_lens = torch.tensor([e.q_len for e in entries])
         prefix = torch.tensor([e.prefix_len for e in entries])
@@ -416,5 +425,5 @@ class DDTreeV2RunnerState(DDTreeRunnerState):
                 if h is not None:
                     h[dst.to(h.device)] = h[src.to(h.device)]
         token, pos = chain_positions(starts, q_lens, prefix)
-        input_batch.positions[token.to(dev)] = pos.to(dev, input_batch.positions.dtype)
+        input_batch.positions[to_device(token, dev)] = to_device(pos, dev, input_batch.positions.dtype)
         self.last_entries = []
