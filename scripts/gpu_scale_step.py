@@ -142,6 +142,17 @@ def mode_configs(pair: Path) -> dict[str, dict]:
     }
 
 
+def tokens_per_request(spec: dict | None) -> int:
+    """Tokens one decode request schedules per step in a mode (1 + drafts)."""
+    if spec is None:
+        return 1
+    if spec["method"] == "dflash_ddtree":
+        from vllm.config.ddtree import DEFAULT_DDTREE_BUDGET  # the overlay's config module
+
+        return 1 + spec.get("ddtree_budget", DEFAULT_DDTREE_BUDGET)
+    return 1 + spec["num_speculative_tokens"]
+
+
 def break_even(report: dict) -> dict:
     """Per batch size: each DDTree mode's step time over flat DFlash's and over the target's, i.e.
     the AL ratio DDTree needs to beat each (AL_ddtree / AL_dflash, resp. AL_ddtree / 1)."""
@@ -169,9 +180,11 @@ def run_child(cfg: dict) -> dict:
     import torch
     from vllm import LLM, SamplingParams
 
-    from gpu_ddtree_profile import _timed_steps
+    from gpu_ddtree_profile import _profile_summary, _timed_steps, _wrap_glue
 
     cuda = torch.cuda.is_available()
+    if cfg.get("profile_steps") and (cfg["spec"] or {}).get("method") == "dflash_ddtree":
+        _wrap_glue()  # ddtree::* ranges in the profile
     batches = cfg["batches"]
     t0 = time.monotonic()
     kwargs: dict = {}
@@ -198,6 +211,17 @@ def run_child(cfg: dict) -> dict:
             continue
         out["steps"][f"c{c}"] = _timed_steps(engine, prompts[:c], cfg["max_tokens"], cfg["steps"],
                                              f"c{c}")
+    if cfg.get("profile_steps") and time.time() < cfg["deadline"]:
+        acts = [torch.profiler.ProfilerActivity.CPU]
+        if cuda:
+            acts.append(torch.profiler.ProfilerActivity.CUDA)
+        prof = torch.profiler.profile(activities=acts, record_shapes=False, with_stack=False)
+        res = _timed_steps(engine, prompts[:1], cfg["max_tokens"], cfg["profile_steps"], "prof",
+                           profiler=prof)
+        out["profile"] = _profile_summary(prof, res["steps"], cuda)
+        out["profile"]["ms_per_step_under_profiler"] = res["ms_per_step"]
+        if cfg.get("trace"):
+            prof.export_chrome_trace(cfg["trace"])
     return out
 
 
@@ -215,6 +239,9 @@ def main() -> int:
     ap.add_argument("--mem-util", type=float, default=0.92)
     ap.add_argument("--budget-s", type=float, default=900.0,
                     help="wall budget of the whole run; a mode past it is skipped or stopped")
+    ap.add_argument("--profile-steps", type=int, default=0,
+                    help="c1 steps of each mode under torch.profiler (0: none)")
+    ap.add_argument("--trace", action="store_true", help="also write trace-<mode>.json")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -253,9 +280,10 @@ def main() -> int:
                "max_tokens": BLOCK_SIZE * (args.steps + 6), "warmup_tokens": 24,
                "max_model_len": args.prompt_len + BLOCK_SIZE * (args.steps + 8) + 64,
                "mem_util": args.mem_util,
-               # every verify block of the largest batch in graphs: c * (1 + budget <= 64)
-               "max_graph_tokens": max(batches) * 33 + 8,
-               "deadline": run_start + args.budget_s - 20}
+               # every verify block of the largest batch in graphs, and no more sizes than that
+               "max_graph_tokens": max(batches) * tokens_per_request(configs[mode]) + 8,
+               "deadline": run_start + args.budget_s - 20, "profile_steps": args.profile_steps,
+               "trace": str(args.out / f"trace-{mode}.json") if args.trace else None}
         log = args.out / f"scale-{mode}.log"
         t0 = time.monotonic()
         res, status = run_mode_process(__file__, args.out, mode, cfg, child_env(), log, remaining)

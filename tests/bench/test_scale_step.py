@@ -64,3 +64,12 @@ def test_break_even_ratios():
     }}
     be = ss.break_even(rep)
     assert be == {"ddtree": {"c1": {"vs_dflash": 1.25, "vs_target": 2.5}, "c4": {"vs_dflash": 1.5}}}
+
+
+def test_tokens_per_request_follows_the_config_default():
+    ddtree_config = pytest.importorskip("vllm.config.ddtree")  # the overlay must be applied
+
+    assert ss.tokens_per_request(None) == 1
+    assert ss.tokens_per_request({"method": "dflash", "num_speculative_tokens": 15}) == 16
+    assert ss.tokens_per_request({"method": "dflash_ddtree", "ddtree_budget": 16}) == 17
+    assert ss.tokens_per_request({"method": "dflash_ddtree"}) == 1 + ddtree_config.DEFAULT_DDTREE_BUDGET
