@@ -30,6 +30,7 @@ top-1 chain (see vllm/config/ddtree.py).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from typing import Any
 
@@ -733,6 +734,9 @@ class DDTreeRunnerState:
         self.last_num_draft: list[int] = []
         self.last_entries: list[TreeEntry] = []
         self._stats = DDTreeStats()
+        from ddtree.graph_replay import ReplayCache
+
+        self._commit_replays = ReplayCache()
         logger.info("DDTree tree verify active: budget=%d top_k=%d chain_seed=%s depth=%d",
                     sc.ddtree_budget, sc.ddtree_top_k, sc.ddtree_chain_seed, sc.ddtree_max_depth)
         # a bad DDTREE_TREE_ATTENTION fails at startup, not mid-step; the FlashInfer workspace is
@@ -959,10 +963,6 @@ class DDTreeRunnerState:
 
         Static shapes on the device (no device->host sync): the host does not know the accepted
         paths here; every index is computed on the device once per step and cache group."""
-        from ddtree.attention.batched import move_paged_kv_rows
-        from ddtree.ops.gdn import commit_conv_state, copy_state_lines
-        from ddtree.ops.gdn.commit import conv_commit_plan
-
         acc_dev, nacc_dev = walk.accepted_nodes, walk.num_accepted
         # Full attention: move accepted nodes' KV rows to the positions right after the root; the
         # moves are computed once per step and slot table, then applied to each layer's cache.
@@ -972,51 +972,55 @@ class DDTreeRunnerState:
             for key_cache, value_cache, slot_mapping, layout in _unique_layers(step.attn_layers):
                 if id(slot_mapping) not in moves_cpu:
                     block_slots = slot_mapping[starts.clamp(max=slot_mapping.shape[0] - 1)].long()
-                    src, dst = _kv_moves(block_slots, step, acc_dev, nacc_dev)
+                    src, dst = _kv_moves(block_slots, step.rows, acc_dev, nacc_dev)
                     moves_cpu[id(slot_mapping)] = (src.tolist(), dst.tolist())
                 src, dst = moves_cpu[id(slot_mapping)]
                 if src:
                     layout.move(key_cache, value_cache, src, dst)
-        moves: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        if not step.gpu_attn_layers and not step.gdn_layers:
+            return
+        from ddtree.transfer import to_device
+
+        # GPU layout: every cache update of the step as one function of a few device tensors
+        attn_caches, attn_plans, attn_plan_of = [], [], {}
         seen: set[int] = set()
-        for kv_cache, plan in step.gpu_attn_layers:  # GPU layout
+        for kv_cache, plan in step.gpu_attn_layers:
             if kv_cache.data_ptr() in seen:
                 continue
             seen.add(kv_cache.data_ptr())
-            if id(plan) not in moves:
-                block_slots = getattr(plan, "block_slots", None)  # the FlashInfer plan has them
-                if block_slots is None:
-                    Q = step.visible.shape[1]
-                    pos = step.prefix_lens.to(plan.slots.device)[:, None] + torch.arange(
-                        Q, device=plan.slots.device)[None, :]
-                    block_slots = plan.slots.gather(1, pos.clamp(max=plan.slots.shape[1] - 1))
-                moves[id(plan)] = _kv_moves(block_slots, step, acc_dev, nacc_dev, static=True)
-            move_paged_kv_rows(kv_cache, *moves[id(plan)])
-        # GDN: conv history along the path, recurrent state of the last accepted node -> slot m
-        # (vLLM's next step reads history at offset num_accepted - 1 and the state in slot m).
-        conv_plans: dict = {}  # id(plan) -> path arrays; (id(plan), width) -> column plan
+            if id(plan) not in attn_plan_of:
+                attn_plan_of[id(plan)] = len(attn_plans)
+                attn_plans.append(plan)
+            attn_caches.append((kv_cache, attn_plan_of[id(plan)]))
+        gdn_plans, gdn_plan_of, gdn_layers = [], {}, []
         for conv_state, pool, plan, width in step.gdn_layers:
-            if id(plan) not in conv_plans:
-                rows = plan.req_rows.to(acc_dev.device)
-                path = acc_dev[rows].long().clamp(min=0)
-                m = nacc_dev[rows].long()
-                path_len = torch.where(plan.is_tree.to(m.device), m + 1, torch.zeros_like(m))
-                last = path.gather(1, m.clamp(max=path.shape[1] - 1)[:, None]).squeeze(1)
-                spec_idx = plan.spec_idx.long()
-                src_line = spec_idx.gather(1, last[:, None]).squeeze(1)
-                dst_line = spec_idx.gather(1, m[:, None]).squeeze(1)
-                copy_state = plan.is_tree & (last != m)
-                conv_plans[id(plan)] = (path, path_len, src_line, dst_line, copy_state)
-            path, path_len, src_line, dst_line, copy_state = conv_plans[id(plan)]
-            key = (id(plan), width)
-            if key not in conv_plans:  # the same column plan for every layer of the group
-                src_cols, do_copy, _ = conv_commit_plan(path, path_len, width, "chain_in_place")
-                conv_plans[key] = (src_cols, do_copy, (path_len - 1).clamp(min=0).to(torch.int32))
-            src_cols, do_copy, offsets = conv_plans[key]
-            commit_conv_state(conv_state, plan.conv_lines, plan=(src_cols, do_copy, offsets),
-                              check_values=False, backend="triton" if conv_state.is_cuda else "torch")
-            # the flagged requests' states only, decided on the device (Triton on CUDA)
-            copy_state_lines(pool, src_line, dst_line, copy_state)
+            if id(plan) not in gdn_plan_of:
+                gdn_plan_of[id(plan)] = len(gdn_plans)
+                gdn_plans.append(plan)
+            gdn_layers.append((conv_state, pool, gdn_plan_of[id(plan)], width))
+        dev = acc_dev.device
+        slot_tables = []
+        for plan in attn_plans:
+            block_slots = getattr(plan, "block_slots", None)  # the FlashInfer plan has them
+            if block_slots is None:
+                Q = step.visible.shape[1]
+                pos = to_device(step.prefix_lens, plan.slots.device)[:, None] + torch.arange(
+                    Q, device=plan.slots.device)[None, :]
+                block_slots = plan.slots.gather(1, pos.clamp(max=plan.slots.shape[1] - 1))
+            slot_tables.append(block_slots)
+        inputs = [acc_dev, nacc_dev, to_device(step.rows, dev), *slot_tables]
+        for plan in gdn_plans:
+            inputs += [plan.req_rows, plan.is_tree, plan.spec_idx, plan.conv_lines]
+        body = functools.partial(_commit_caches, tuple(attn_caches), len(attn_plans),
+                                 tuple(gdn_layers), len(gdn_plans))
+        if _commit_graph_enabled() and dev.type == "cuda":
+            # the same caches, plans and shapes recur every step: replay the ~2 launches per layer
+            # from one CUDA graph (see ddtree.graph_replay)
+            key = (tuple((c.data_ptr(), i) for c, i in attn_caches),
+                   tuple((c.data_ptr(), p.data_ptr(), i, w) for c, p, i, w in gdn_layers))
+            self._commit_replays.run(key, body, inputs)
+        else:
+            body(*inputs)
 
     # -- step 5: drafter inputs along the accepted path ----------------------------------------
     def drafter_inputs(self, runner, aux_hidden_states, hidden_states):
@@ -1130,11 +1134,75 @@ class _AsyncHostCopy:
         return self._host
 
 
-def _kv_moves(block_slots: torch.Tensor, step: TreeVerifyStep, acc: torch.Tensor,
+def _commit_caches(attn_caches, num_attn_plans: int, gdn_layers, num_gdn_plans: int,
+                   acc: torch.Tensor, nacc: torch.Tensor, rows: torch.Tensor, *tables) -> None:
+    """The device side of ``DDTreeRunnerState._commit`` (CUDA layout), a function of tensors only
+    so that it can be replayed from a CUDA graph: no host reads, no host->device copies.
+
+    attn_caches: (kv_cache, slot-table index) per distinct full-attention cache; gdn_layers:
+    (conv_state, ssm pool, plan index, conv width) per GDN layer. tables: the slot table [E, Q] of
+    each attention plan, then per GDN plan (req_rows [S], is_tree [S], spec_idx [S, N],
+    conv_lines [S]). acc [R, W] / nacc [R]: the walk's accepted nodes and counts per batch row;
+    rows [E]: the batch row of each tree entry."""
+    from ddtree.attention.batched import move_paged_kv_rows
+    from ddtree.ops.gdn import commit_conv_state, copy_state_lines
+    from ddtree.ops.gdn.commit import conv_commit_plan
+
+    slot_tables = tables[:num_attn_plans]
+    moves: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    for kv_cache, i in attn_caches:
+        if i not in moves:
+            moves[i] = _kv_moves(slot_tables[i], rows, acc, nacc, static=True)
+        move_paged_kv_rows(kv_cache, *moves[i])
+    # GDN: conv history along the path, recurrent state of the last accepted node -> slot m
+    # (vLLM's next step reads history at offset num_accepted - 1 and the state in slot m).
+    gdn_tables = tables[num_attn_plans:]
+    paths: dict[int, tuple] = {}
+    cols: dict[tuple[int, int], tuple] = {}
+    for conv_state, pool, i, width in gdn_layers:
+        req_rows, is_tree, spec_idx, conv_lines = gdn_tables[4 * i: 4 * i + 4]
+        if i not in paths:
+            path = acc[req_rows].long().clamp(min=0)
+            m = nacc[req_rows].long()
+            path_len = torch.where(is_tree, m + 1, torch.zeros_like(m))
+            last = path.gather(1, m.clamp(max=path.shape[1] - 1)[:, None]).squeeze(1)
+            idx = spec_idx.long()
+            src_line = idx.gather(1, last[:, None]).squeeze(1)
+            dst_line = idx.gather(1, m[:, None]).squeeze(1)
+            paths[i] = (path, path_len, src_line, dst_line, is_tree & (last != m))
+        path, path_len, src_line, dst_line, copy_state = paths[i]
+        if (i, width) not in cols:  # the same column plan for every layer of the group
+            src_cols, do_copy, _ = conv_commit_plan(path, path_len, width, "chain_in_place")
+            cols[(i, width)] = (src_cols, do_copy, (path_len - 1).clamp(min=0).to(torch.int32))
+        commit_conv_state(conv_state, conv_lines, plan=cols[(i, width)], check_values=False,
+                          backend="triton" if conv_state.is_cuda else "torch")
+        # the flagged requests' states only, decided on the device (Triton on CUDA)
+        copy_state_lines(pool, src_line, dst_line, copy_state)
+
+
+_COMMIT_GRAPH: bool | None = None
+
+
+def _commit_graph_enabled() -> bool:
+    """``DDTREE_COMMIT_GRAPH=1``: replay the per-step cache commit from a CUDA graph. Off by
+    default until an end-to-end GPU check and a 27B step measurement have run with it."""
+    global _COMMIT_GRAPH
+    if _COMMIT_GRAPH is None:
+        import os
+
+        raw = os.environ.get("DDTREE_COMMIT_GRAPH", "0").strip()
+        if raw not in ("0", "1"):
+            raise ValueError(f"DDTREE_COMMIT_GRAPH must be 0 or 1, got {raw!r}")
+        _COMMIT_GRAPH = raw == "1"
+    return _COMMIT_GRAPH
+
+
+def _kv_moves(block_slots: torch.Tensor, rows: torch.Tensor, acc: torch.Tensor,
               nacc: torch.Tensor, static: bool = False):
     """(src, dst) cache slots: accepted node a_j of each tree request moves to block position j.
 
-    block_slots [E, Q]: the cache slot of token j of tree request e's verify block.
+    block_slots [E, Q]: the cache slot of token j of tree request e's verify block; rows [E]: the
+    batch row of each tree request (host or device).
     static=False: only the real moves (boolean selection: data-dependent length).
     static=True: [E * Lw] pairs, no device->host sync; entries that move nothing copy the
     request's root row onto itself (the root is never a destination, and every such entry of a
@@ -1142,7 +1210,7 @@ def _kv_moves(block_slots: torch.Tensor, step: TreeVerifyStep, acc: torch.Tensor
     from ddtree.transfer import to_device
 
     dev = block_slots.device
-    rows = to_device(step.rows, dev)
+    rows = to_device(rows, dev)
     # [E, <= Q] node ids, root first: the walk's width follows the step's largest block, which a
     # chain request may make wider than every tree (per-request shapes); m < Q for tree requests
     path = acc.to(dev)[rows][:, : block_slots.shape[1]].long()
