@@ -40,6 +40,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 from gpu_share import engine_memory_kwargs, gdn_prefill_config, gpu_shared  # noqa: E402
 
 ORACLE_HOOK = "tests.support.oracle_drafter:draft_logits"
+RESULT_PREFIX = "RESULT "  # the line a mode's child prints its result on (run_mode_process)
 
 
 def mode_configs(models: Path) -> dict[str, dict]:
@@ -203,9 +204,24 @@ def run_mode_process(script: str, out: Path, mode: str, cfg: dict, env: dict[str
     cfg_file.unlink()
     with open(log, "a") as f:
         f.write("\n--- stdout ---\n" + "\n".join(
-            ln for ln in stdout.splitlines() if not ln.startswith("RESULT ")))
-    line = next((ln for ln in stdout.splitlines() if ln.startswith("RESULT ")), None)
-    return (json.loads(line[len("RESULT "):]) if line is not None else None), status
+            ln for ln in stdout.splitlines() if not ln.startswith(RESULT_PREFIX)))
+    line = next((ln for ln in stdout.splitlines() if ln.startswith(RESULT_PREFIX)), None)
+    return (json.loads(line[len(RESULT_PREFIX):]) if line is not None else None), status
+
+
+def serve_child(cfg_file: str, fn) -> int:
+    """The child side of ``run_mode_process``: ``fn(cfg)`` for the config file it was given,
+    printed as the RESULT line the parent reads."""
+    cfg = json.loads(Path(cfg_file).read_text())
+    print(RESULT_PREFIX + json.dumps(fn(cfg)), flush=True)
+    return 0
+
+
+def report_failure(mode: str, status: str, log: Path, lines: int = 25) -> str:
+    """A mode whose child gave no result: prints the tail of its log, returns the record's error."""
+    tail = log.read_text(errors="replace").splitlines()[-lines:]
+    print(f"[{mode}] FAILED\n" + "\n".join(tail), flush=True)
+    return f"exit {status}; see {log.name}"
 
 
 # ----------------------------------------------------------------------------- driver
@@ -221,9 +237,7 @@ def main() -> int:
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        cfg = json.loads(Path(args.child).read_text())
-        print("RESULT " + json.dumps(run_one(cfg)), flush=True)
-        return 0
+        return serve_child(args.child, run_one)
 
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -251,9 +265,7 @@ def main() -> int:
         res, status = run_mode_process(__file__, args.out, mode, cfg, env, log)
         rec: dict = {"wall_s": round(time.monotonic() - t0, 1)}
         if res is None:
-            rec["error"] = f"exit {status}; see {log.name}"
-            tail = log.read_text(errors="replace").splitlines()[-25:]
-            print(f"[{mode}] FAILED\n" + "\n".join(tail), flush=True)
+            rec["error"] = report_failure(mode, status, log)
             report["modes"][mode] = rec
             if mode == "target":
                 break

@@ -41,7 +41,7 @@ sys.path.insert(0, str(REPO / "scripts"))
 from gpu_share import engine_memory_kwargs, gdn_prefill_config  # noqa: E402
 
 from gpu_ddtree_check import (_tree_stats, child_env, mode_configs, prompts_for,  # noqa: E402
-                              run_mode_process)
+                              report_failure, run_mode_process, serve_child)
 
 MAX_TRACE_BYTES = 15 * 1024 * 1024
 SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero", "aten::item", "cudaStreamSynchronize",
@@ -165,6 +165,22 @@ def _profile_summary(prof, steps: int, cuda: bool) -> dict:
             "ddtree_ranges": glue}
 
 
+def profiled_steps(engine, prompts, max_tokens: int, steps: int, cuda: bool):
+    """``steps`` decode steps of ``prompts`` under torch.profiler (CPU and, on CUDA, CUDA
+    activity). Returns (the ``_profile_summary`` with ``ms_per_step_under_profiler``, the profiler,
+    whose chrome trace the caller may export)."""
+    import torch
+
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if cuda:
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    prof = torch.profiler.profile(activities=acts, record_shapes=False, with_stack=False)
+    res = _timed_steps(engine, prompts, max_tokens, steps, "prof", profiler=prof)
+    summary = _profile_summary(prof, res["steps"], cuda)
+    summary["ms_per_step_under_profiler"] = res["ms_per_step"]
+    return summary, prof
+
+
 def run_child(cfg: dict) -> dict:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -194,13 +210,7 @@ def run_child(cfg: dict) -> dict:
     if time.time() < deadline:
         out["c8"] = _timed_steps(engine, prompts[:8], tokens, cfg["steps"], "c8")
     if cfg["profile_steps"] and time.time() < deadline:
-        acts = [torch.profiler.ProfilerActivity.CPU]
-        if cuda:
-            acts.append(torch.profiler.ProfilerActivity.CUDA)
-        prof = torch.profiler.profile(activities=acts, record_shapes=False, with_stack=False)
-        res = _timed_steps(engine, prompts[:1], tokens, cfg["profile_steps"], "prof", profiler=prof)
-        out["profile"] = _profile_summary(prof, res["steps"], cuda)
-        out["profile"]["ms_per_step_under_profiler"] = res["ms_per_step"]
+        out["profile"], prof = profiled_steps(engine, prompts[:1], tokens, cfg["profile_steps"], cuda)
         if cfg.get("trace"):
             raw = Path(cfg["trace"]).with_suffix("")  # .json
             prof.export_chrome_trace(str(raw))
@@ -235,9 +245,7 @@ def main() -> int:
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        cfg = json.loads(Path(args.child).read_text())
-        print("RESULT " + json.dumps(run_child(cfg)), flush=True)
-        return 0
+        return serve_child(args.child, run_child)
 
     configs = mode_configs(args.models)
     # the DDTree mode first: if the budget runs out, the baselines are what is missing
@@ -273,9 +281,7 @@ def main() -> int:
         res, status = run_mode_process(__file__, args.out, mode, cfg, child_env(), log, remaining)
         rec: dict = {"wall_s": round(time.monotonic() - t0, 1)}
         if res is None:
-            rec["error"] = f"exit {status}; see {log.name}"
-            print(f"[{mode}] FAILED\n" + "\n".join(log.read_text(errors="replace").splitlines()[-25:]),
-                  flush=True)
+            rec["error"] = report_failure(mode, status, log)
         else:
             rec.update(res)
             report["device"] = rec.get("device")

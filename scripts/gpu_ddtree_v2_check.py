@@ -45,7 +45,8 @@ sys.path.insert(0, str(REPO / "scripts"))
 from gpu_share import engine_memory_kwargs, gdn_prefill_config  # noqa: E402
 
 from gpu_ddtree_check import (_counters, _tree_stats, child_env, greedy_equality,  # noqa: E402
-                              oracle_env, prompts_for, run_mode_process)
+                              oracle_env, prompts_for, report_failure,
+                              run_mode_process, serve_child)
 
 FALLBACK_LOG = "tree verify is not available here"
 ALL_MODES = "target,dflash,ddtree,ddtree-oracle,ddtree-logprobs,ddtree-fallback,ddtree-graphs"
@@ -193,9 +194,7 @@ def main() -> int:
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        cfg = json.loads(Path(args.child).read_text())
-        print("RESULT " + json.dumps(run_one(cfg)), flush=True)
-        return 0
+        return serve_child(args.child, run_one)
 
 
     t_start = time.monotonic()
@@ -241,9 +240,7 @@ def main() -> int:
         slowest = max(slowest, wall)
         rec: dict = {"wall_s": round(wall, 1)}
         if res is None:
-            rec["error"] = f"exit {status}; see {log.name}"
-            tail = log.read_text(errors="replace").splitlines()[-30:]
-            print(f"[{mode}] FAILED\n" + "\n".join(tail), flush=True)
+            rec["error"] = report_failure(mode, status, log, lines=30)
             report["modes"][mode] = rec
             out_json.write_text(json.dumps(report, indent=2))
             if mode == "target":

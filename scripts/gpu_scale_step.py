@@ -180,7 +180,7 @@ def run_child(cfg: dict) -> dict:
     import torch
     from vllm import LLM, SamplingParams
 
-    from gpu_ddtree_profile import _profile_summary, _timed_steps, _wrap_glue
+    from gpu_ddtree_profile import _timed_steps, _wrap_glue, profiled_steps
 
     cuda = torch.cuda.is_available()
     if cfg.get("profile_steps") and (cfg["spec"] or {}).get("method") == "dflash_ddtree":
@@ -212,14 +212,8 @@ def run_child(cfg: dict) -> dict:
         out["steps"][f"c{c}"] = _timed_steps(engine, prompts[:c], cfg["max_tokens"], cfg["steps"],
                                              f"c{c}")
     if cfg.get("profile_steps") and time.time() < cfg["deadline"]:
-        acts = [torch.profiler.ProfilerActivity.CPU]
-        if cuda:
-            acts.append(torch.profiler.ProfilerActivity.CUDA)
-        prof = torch.profiler.profile(activities=acts, record_shapes=False, with_stack=False)
-        res = _timed_steps(engine, prompts[:1], cfg["max_tokens"], cfg["profile_steps"], "prof",
-                           profiler=prof)
-        out["profile"] = _profile_summary(prof, res["steps"], cuda)
-        out["profile"]["ms_per_step_under_profiler"] = res["ms_per_step"]
+        out["profile"], prof = profiled_steps(engine, prompts[:1], cfg["max_tokens"],
+                                              cfg["profile_steps"], cuda)
         if cfg.get("trace"):
             prof.export_chrome_trace(cfg["trace"])
     return out
@@ -244,11 +238,10 @@ def main() -> int:
     ap.add_argument("--trace", action="store_true", help="also write trace-<mode>.json")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    from gpu_ddtree_check import child_env, report_failure, run_mode_process, serve_child
+
     if args.child:
-        cfg = json.loads(Path(args.child).read_text())
-        print("RESULT " + json.dumps(run_child(cfg)), flush=True)
-        return 0
-    from gpu_ddtree_check import child_env, run_mode_process
+        return serve_child(args.child, run_child)
 
     batches = sorted({int(b) for b in args.batches.split(",") if b})
     if not batches or batches[0] < 1:
@@ -289,9 +282,7 @@ def main() -> int:
         res, status = run_mode_process(__file__, args.out, mode, cfg, child_env(), log, remaining)
         rec: dict = {"wall_s": round(time.monotonic() - t0, 1), "spec": configs[mode]}
         if res is None:
-            rec["error"] = f"exit {status}; see {log.name}"
-            print(f"[{mode}] FAILED\n" + "\n".join(log.read_text(errors="replace").splitlines()[-25:]),
-                  flush=True)
+            rec["error"] = report_failure(mode, status, log)
         else:
             rec.update(res)
             report["device"] = rec.get("device")
