@@ -203,8 +203,8 @@ def run_child(cfg: dict) -> dict:
                                 detokenize=False), use_tqdm=False)
     out: dict = {"startup_s": round(startup_s, 1),
                  "device": torch.cuda.get_device_name() if cuda else "cpu", "steps": {}}
-    if cuda:
-        out["weights_gib"] = round(torch.cuda.memory_allocated() / 2**30, 1)
+    if cuda:  # weights + KV cache + everything else torch holds (the log has the weights alone)
+        out["gpu_allocated_gib"] = round(torch.cuda.memory_allocated() / 2**30, 1)
     for c in batches:
         if time.time() > cfg["deadline"]:
             out["steps"][f"c{c}"] = {"error": "skipped: budget spent"}
