@@ -59,8 +59,6 @@ def _run(monkeypatch, graph: bool):
 
 @pytest.mark.gpu
 def test_commit_replay_equals_eager(monkeypatch):
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
     _, eager = _run(monkeypatch, graph=False)
     state, replayed = _run(monkeypatch, graph=True)
     cache = state._commit_replays

@@ -25,15 +25,9 @@ def test_meta_device_is_a_plain_to():
     assert out.device.type == "meta" and out.shape == (3,)
 
 
-def _cuda():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU")
-    return torch.device("cuda")
-
-
 @pytest.mark.gpu
 def test_to_device_does_not_sync_on_cuda():
-    dev = _cuda()
+    dev = torch.device("cuda")  # gpu marker: tests/conftest.py skips it without CUDA
     host = torch.arange(1000, dtype=torch.int64)
     busy = torch.randn(4096, 4096, device=dev)
     prev = torch.cuda.get_sync_debug_mode()
@@ -52,7 +46,7 @@ def test_to_device_does_not_sync_on_cuda():
 
 @pytest.mark.gpu
 def test_tree_attention_plans_do_not_sync_on_cuda():
-    dev = _cuda()
+    dev = torch.device("cuda")  # gpu marker: tests/conftest.py skips it without CUDA
     from ddtree.attention.batched import plan_tree_attention
     from ddtree.attention.flashinfer_tree import packed_tree_mask, plan_flashinfer_tree
 
